@@ -1,0 +1,116 @@
+"""Checks of the stochastic steps (spec §1) against independent formulas."""
+import math
+
+import pytest
+import torch
+
+from tpgrpo.sde import kl_to_reference, ode_step, sde_step, step_std
+
+
+def _state(batch=4, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 4, 4, generator=generator).to(dtype)
+    v = torch.randn(batch, 3, 4, 4, generator=generator).to(dtype)
+    return x, v
+
+
+def test_sde_log_prob_matches_gaussian_density():
+    x, v = _state()
+    sigma, sigma_next, a = 0.8, 0.6, 0.7
+    generator = torch.Generator().manual_seed(1)
+    sample, log_prob, mean = sde_step(v, x, sigma, sigma_next, a, kind="sde", generator=generator)
+    std = a * math.sqrt(sigma / (1 - sigma))
+    dt = sigma_next - sigma
+    expected_mean = x * (1 + std**2 * dt / (2 * sigma)) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
+    torch.testing.assert_close(mean, expected_mean)
+    density = torch.distributions.Normal(expected_mean, std * math.sqrt(-dt)).log_prob(sample)
+    torch.testing.assert_close(log_prob, density.mean(dim=(1, 2, 3)))
+    assert log_prob.shape == (4,)
+
+
+def test_cps_mean_and_log_prob_by_hand():
+    x, v = _state()
+    sigma, sigma_next, a = 0.9, 0.5, 0.7
+    noise = torch.randn_like(x)
+    sample, log_prob, mean = sde_step(v, x, sigma, sigma_next, a, kind="cps", noise=noise)
+    std = sigma_next * math.sin(a * math.pi / 2)
+    clean, pure_noise = x - sigma * v, x + (1 - sigma) * v
+    expected_mean = (1 - sigma_next) * clean + math.sqrt(sigma_next**2 - std**2) * pure_noise
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(sample, expected_mean + std * noise)
+    torch.testing.assert_close(log_prob, -(std * noise).pow(2).mean(dim=(1, 2, 3)))
+
+
+def test_cps_preserves_the_noise_coefficient():
+    # with the exact velocity v = ε - x0 the next state is (1-σ')·x0 + σ'-scaled unit noise
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn(20000, 1, generator=generator)
+    eps = torch.randn(20000, 1, generator=generator)
+    sigma, sigma_next = 0.7, 0.4
+    x = (1 - sigma) * x0 + sigma * eps
+    nxt, _, _ = sde_step(eps - x0, x, sigma, sigma_next, 0.9, kind="cps", generator=generator)
+    residual = nxt - (1 - sigma_next) * x0
+    assert float(residual.std()) == pytest.approx(sigma_next, rel=0.03)
+
+
+@pytest.mark.parametrize("kind", ["cps", "sde"])
+def test_zero_noise_is_the_euler_step(kind):
+    x, v = _state()
+    sample, log_prob, mean = sde_step(v, x, 0.6, 0.3, 0.0, kind=kind)
+    torch.testing.assert_close(sample, x + v * (0.3 - 0.6))
+    torch.testing.assert_close(mean, sample)
+    torch.testing.assert_close(ode_step(v, x, 0.6, 0.3), sample)
+    assert torch.equal(log_prob, torch.zeros(4))
+
+
+@pytest.mark.parametrize("kind", ["cps", "sde"])
+def test_stored_transition_is_returned_unchanged_and_scored_in_float32(kind):
+    x, v = _state(dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(5)
+    sample, log_prob, _ = sde_step(v.float(), x.float(), 0.7, 0.5, 0.7, kind=kind, generator=generator)
+    again, log_prob_again, mean = sde_step(v, x, 0.7, 0.5, 0.7, kind=kind, prev_sample=sample)
+    assert again is sample
+    assert log_prob_again.dtype == torch.float32 and mean.dtype == torch.float32
+    torch.testing.assert_close(log_prob_again, log_prob, atol=0.05, rtol=0.05)
+
+
+def test_per_sample_sigmas_equal_scalar_sigmas():
+    x, v = _state()
+    noise = torch.randn_like(x)
+    sigmas = torch.tensor([0.9, 0.7, 0.5, 0.3])
+    nexts = sigmas - 0.2
+    batched, lp, _ = sde_step(v, x, sigmas, nexts, 0.5, kind="sde", noise=noise)
+    for i in range(4):
+        single, lp_i, _ = sde_step(v[i : i + 1], x[i : i + 1], float(sigmas[i]), float(nexts[i]), 0.5, kind="sde", noise=noise[i : i + 1])
+        torch.testing.assert_close(batched[i : i + 1], single)
+        torch.testing.assert_close(lp[i : i + 1], lp_i)
+
+
+def test_sigma_one_uses_next_sigma_in_denominator():
+    std = step_std(torch.tensor(1.0), torch.tensor(0.9), 0.7, kind="sde")
+    assert float(std) == pytest.approx(0.7 * math.sqrt(1 / 0.1))
+    x, v = _state()
+    _, log_prob, _ = sde_step(v, x, 1.0, 0.9, 0.7, kind="sde")
+    assert torch.isfinite(log_prob).all()
+
+
+def test_kl_matches_formula_and_is_zero_for_equal_means():
+    a = torch.randn(3, 2, 4)
+    b = a + 0.5
+    torch.testing.assert_close(kl_to_reference(a, b, 0.25), torch.full((3,), 0.25 / (2 * 0.0625)))
+    assert torch.equal(kl_to_reference(a, a, 0.3), torch.zeros(3))
+    assert torch.equal(kl_to_reference(a, b, 0.0), torch.zeros(3))
+
+
+def test_bad_inputs_raise():
+    x, v = _state()
+    with pytest.raises(ValueError, match="kind"):
+        sde_step(v, x, 0.5, 0.4, 0.7, kind="ddim")
+    with pytest.raises(ValueError, match="shape"):
+        sde_step(v[:2], x, 0.5, 0.4, 0.7)
+    with pytest.raises(ValueError, match="sigma"):
+        sde_step(v, x, torch.tensor([0.5, 0.4]), 0.3, 0.7)
+    with pytest.raises(ValueError, match="smaller"):
+        sde_step(v, x, 0.4, 0.5, 0.7)
+    with pytest.raises(ValueError, match="noise_level"):
+        sde_step(v, x, 0.5, 0.4, 1.5, kind="cps")
