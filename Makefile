@@ -17,7 +17,7 @@ $(STAMP): setup.cfg
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python train.py demo --config configs/tiny.yaml
+	$(BIN)/python -m tpgrpo.demo --config configs/tiny.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -43,7 +43,7 @@ def test_encode_prompt_shapes(pipe):
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
         ["a red circle"], None, None, do_classifier_free_guidance=True, max_sequence_length=MAX_SEQUENCE_LENGTH
     )
-    assert embeds.shape == (1, 12 + MAX_SEQUENCE_LENGTH, pipe.transformer.config.joint_attention_dim)
+    assert embeds.shape == (1, pipe.tokenizer.model_max_length + MAX_SEQUENCE_LENGTH, pipe.transformer.config.joint_attention_dim)
     assert pooled.shape == (1, pipe.transformer.config.pooled_projection_dim)
     assert neg.shape == embeds.shape and neg_pooled.shape == pooled.shape
 
@@ -62,7 +62,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     assert loaded.text_encoder_3 is None and loaded.tokenizer_3 is None
     torch.manual_seed(0)
     latents = torch.randn(2, 8, 8, 8)
-    text = torch.randn(2, 13, pipe.transformer.config.joint_attention_dim)
+    text = torch.randn(2, 17, pipe.transformer.config.joint_attention_dim)
     pooled = torch.randn(2, pipe.transformer.config.pooled_projection_dim)
     t = torch.tensor([500.0, 250.0])
     with torch.no_grad():

@@ -43,7 +43,7 @@ DEFAULT_VOCABULARY: tuple[str, ...] = (
 )
 
 
-def build_tokenizer(vocabulary: Sequence[str] | None = None, max_length: int = 12) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocabulary: Sequence[str] | None = None, max_length: int = 16) -> PreTrainedTokenizerFast:
     """A CLIP-like word-level tokenizer made locally.
 
     Lower-cases, drops punctuation, splits on whitespace, wraps every text as
@@ -141,7 +141,7 @@ def build_pipeline(
     text_layers: int = 2,
     vae_channels: Sequence[int] = (32, 64, 64),
     vocabulary: Sequence[str] | None = None,
-    max_length: int = 12,
+    max_length: int = 16,
     shift: float = 3.0,
 ) -> StableDiffusion3Pipeline:
     """A tiny `StableDiffusion3Pipeline` with seeded random weights (no T5).

@@ -1,0 +1,462 @@
+"""Benchmark: the research rollout schedule (`rollout_sequential`) against the engine (`rollout`).
+
+Both produce the same TP-GRPO rollout (main trajectory, ODE baseline, W-1 branches) from the same
+noise; this measures, in one run, their wall clock, NFE per image, transformer calls, peak memory
+and images per second, and checks that their final latents agree. Cases:
+
+* ``tiny``: the embedded tiny SD3-architecture model (``tpgrpo/tiny/model``; random weights of
+  the same builder when it is not there, recorded in the JSON) at its native 32 px, one prompt,
+  ``--group`` images, CFG ``--cfg``.
+* ``sd3.5-medium-shaped``: an `SD3Transformer2DModel` with the architecture config of
+  stabilityai/stable-diffusion-3.5-medium and random weights (no download), random text
+  embeddings of the real shapes (333 tokens x 4096, pooled 2048). On CPU its depth, resolution
+  and group are cut down (``--sd3-layers``, ``--sd3-resolution``, ``--sd3-group``); on CUDA the
+  defaults are the real model at 512 px in bf16.
+* ``agreement``: the ``branch_steps`` approximation (fewer-step ODE completions) on the tiny
+  model: its NFE, and how its turning points (`tpgrpo.credit.turning_points`) agree with the
+  exact ones under the shapes reward.
+
+Times are the best of ``--repeats`` runs, sequential and engine alternating. "images/s" counts
+rollout images (the B images of the group, each with its W+1 completions). Peak memory is the
+increase of the peak over the memory in use before the run: CUDA allocator peak, or on CPU the
+process's peak resident set (``VmHWM`` in /proc, reset before each run).
+
+    python benchmarks/rollout.py                 # CPU defaults, a few minutes on 2 cores
+    python benchmarks/rollout.py --device cuda   # real SD3.5-M shape at 512 px, bf16
+
+Writes ``benchmarks/results/rollout.json`` and prints one summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import diffusers
+import torch
+from torch import Tensor
+
+from tpgrpo.pipelines import FlowModel
+from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
+
+RESULTS = Path(__file__).resolve().parent / "results" / "rollout.json"
+
+# transformer/config.json of stabilityai/stable-diffusion-3.5-medium
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+SD35_TEXT_TOKENS = 333  # 77 CLIP tokens + 256 T5 tokens
+SD35_VAE_FACTOR = 8
+SD3_SHIFT = 3.0
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def machine(device: torch.device) -> dict:
+    """Where the numbers come from: CPU model or GPU name, library versions, date."""
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        cpu = found.group(1).strip() if found else cpu
+    info = {
+        "device": str(device),
+        "cpu": cpu,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _rss_kib(field: str) -> int:
+    found = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(found.group(1))
+
+
+def _release_freed_heap() -> None:
+    """Give freed heap memory back to the OS (glibc), so resident memory counts live objects only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measured increase can only be smaller
+        pass
+
+
+def measure(run: Callable[[], Rollout], device: torch.device) -> tuple[Rollout, float, float]:
+    """Run once; return its result, wall-clock seconds and peak memory increase in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        _release_freed_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux)
+        before = _rss_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    return result, seconds, (peak - before) / 2**20
+
+
+def compare_schedules(
+    velocity_fn: VelocityFn,
+    latents: Tensor,
+    sigmas: Tensor,
+    args: argparse.Namespace,
+    repeats: int,
+    max_batch: int | None,
+) -> dict:
+    """Time `rollout_sequential` and `rollout` on the same rollout (same noise), best of ``repeats``."""
+    common = dict(
+        initial_latents=latents, sigmas=sigmas, window_start=args.window_start, window_size=args.window,
+        noise_level=args.noise_level, kind=args.kind,
+    )
+    runs = {
+        "sequential": lambda: rollout_sequential(
+            velocity_fn, generator=torch.Generator(latents.device).manual_seed(args.seed), **common
+        ),
+        "engine": lambda: rollout(
+            velocity_fn, generator=torch.Generator(latents.device).manual_seed(args.seed), max_batch=max_batch, **common
+        ),
+    }
+    with torch.no_grad():  # warm-up
+        velocity_fn(latents, float(sigmas[0]), torch.arange(latents.shape[0], device=latents.device))
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    memory: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict[str, Rollout] = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            results[name], wall, peak = measure(run, latents.device)
+            seconds[name].append(wall)
+            memory[name].append(peak)
+    group = latents.shape[0]
+    out = {
+        name: {
+            "seconds": min(seconds[name]),
+            "all_seconds": [round(s, 4) for s in seconds[name]],
+            "nfe_per_image": results[name].nfe_per_image,
+            "transformer_calls": results[name].transformer_calls,
+            "peak_memory_mib": max(memory[name]),
+            "images_per_second": group / min(seconds[name]),
+        }
+        for name in runs
+    }
+    out["speedup"] = out["sequential"]["seconds"] / out["engine"]["seconds"]
+    out["nfe_ratio"] = out["sequential"]["nfe_per_image"] / out["engine"]["nfe_per_image"]
+    reference, engine = results["sequential"], results["engine"]
+    out["max_abs_diff"] = {
+        "final_latents": (reference.final_latents - engine.final_latents).abs().max().item(),
+        "states": (reference.states - engine.states).abs().max().item(),
+        "log_probs": (reference.log_probs - engine.log_probs).abs().max().item(),
+    }
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+
+def guided_velocity(
+    transformer: torch.nn.Module,
+    cond: Tensor,
+    pooled: Tensor,
+    uncond: Tensor,
+    uncond_pooled: Tensor,
+    guidance_scale: float,
+) -> VelocityFn:
+    """velocity_fn of an SD3 transformer with CFG: both passes of a latent in one forward.
+
+    ``cond`` (B, L, D) and ``pooled`` (B, P) are the per-image text conditioning, ``uncond``
+    (L, D) and ``uncond_pooled`` (P,) the negative prompt's. ``rows`` picks each latent's image.
+    """
+    dtype = next(transformer.parameters()).dtype
+
+    def velocity_fn(latents: Tensor, sigma: float, rows: Tensor) -> Tensor:
+        n = latents.shape[0]
+        output = transformer(
+            hidden_states=torch.cat([latents, latents]).to(dtype),
+            encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond[rows]]).to(dtype),
+            pooled_projections=torch.cat([uncond_pooled.expand(n, -1), pooled[rows]]).to(dtype),
+            timestep=torch.full((2 * n,), sigma * 1000.0, device=latents.device),  # float32, as diffusers
+            return_dict=False,
+        )[0].float()
+        unconditional, conditional = output.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    return velocity_fn
+
+
+def load_tiny(device: torch.device) -> tuple[FlowModel, str]:
+    """The shipped tiny model, or the same builder's random weights when it is absent."""
+    from tpgrpo.tiny import DEFAULT_MODEL_DIR, MAX_SEQUENCE_LENGTH, build_pipeline, load_pipeline
+
+    if (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        pipe, weights = load_pipeline(DEFAULT_MODEL_DIR), "pretrained (tpgrpo/tiny/model)"
+    else:
+        pipe, weights = build_pipeline(), "random: tpgrpo/tiny/model not found, build_pipeline() used"
+    return FlowModel.from_pipeline(pipe.to(device), max_sequence_length=MAX_SEQUENCE_LENGTH), weights
+
+
+def flow_velocity(flow: FlowModel, prompts: Sequence[str], guidance_scale: float) -> VelocityFn:
+    """velocity_fn of a `FlowModel` for ``prompts`` (one per image) with CFG, as the LightningModule builds it."""
+    cond, uncond = flow.encode(list(prompts)), flow.negative(len(prompts))
+
+    def velocity_fn(latents: Tensor, sigma: float, rows: Tensor) -> Tensor:
+        return flow.velocity(latents, sigma, cond.index(rows), guidance_scale, uncond.index(rows))
+
+    return velocity_fn
+
+
+def native_resolution(flow: FlowModel) -> int:
+    """The image side the transformer was built for, in pixels."""
+    return flow.transformer.config.sample_size * flow.vae_scale_factor
+
+
+def initial_latents(flow: FlowModel, batch: int, seed: int) -> Tensor:
+    """(batch, C, h, w) initial noise at the native resolution, on the model's device."""
+    return flow.initial_noise(batch, native_resolution(flow), torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- cases
+
+
+def tiny_case(args: argparse.Namespace, device: torch.device) -> dict:
+    flow, weights = load_tiny(device)
+    latents = initial_latents(flow, args.group, args.seed)
+    velocity_fn = flow_velocity(flow, ["a photo of two red circles"] * args.group, args.cfg)
+    sigmas = flow.sigmas(args.steps).to(device)
+    timing = compare_schedules(velocity_fn, latents, sigmas, args, args.repeats, args.max_batch)
+    resolution = native_resolution(flow)
+    return {"weights": weights, "resolution": resolution, "group": args.group, "dtype": "float32", **timing}
+
+
+def sd3_case(args: argparse.Namespace, device: torch.device) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    if args.sd3_resolution % (SD35_VAE_FACTOR * 2):
+        raise ValueError(f"--sd3-resolution must be a multiple of 16, got {args.sd3_resolution}")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = dict(SD35_MEDIUM_TRANSFORMER, num_layers=args.sd3_layers)
+    config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < args.sd3_layers)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**config).to(dtype).eval().requires_grad_(False)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    group, side = args.sd3_group, args.sd3_resolution // SD35_VAE_FACTOR
+    text = dict(device=device, generator=generator)
+    cond = torch.randn(group, SD35_TEXT_TOKENS, config["joint_attention_dim"], **text)
+    pooled = torch.randn(group, config["pooled_projection_dim"], **text)
+    uncond = torch.randn(SD35_TEXT_TOKENS, config["joint_attention_dim"], **text)
+    uncond_pooled = torch.randn(config["pooled_projection_dim"], **text)
+    velocity_fn = guided_velocity(transformer, cond, pooled, uncond, uncond_pooled, args.cfg)
+    latents = torch.randn(group, config["in_channels"], side, side, **text)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT)
+    scheduler.set_timesteps(args.steps)
+    sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
+    timing = compare_schedules(velocity_fn, latents, sigmas, args, args.sd3_repeats, args.sd3_max_batch)
+    return {
+        "weights": "random",
+        "num_layers": args.sd3_layers,
+        "resolution": args.sd3_resolution,
+        "group": group,
+        "dtype": str(dtype).removeprefix("torch."),
+        "parameters_millions": sum(p.numel() for p in transformer.parameters()) / 1e6,
+        **timing,
+    }
+
+
+def completion_rewards(
+    flow: FlowModel, reward, final_latents: Tensor, prompts: Sequence[str], metadata: Sequence[dict], batch: int
+) -> Tensor:
+    """Rewards (B, K) of all completions (B, K, C, h, w), decoded ``batch`` at a time and scored."""
+    b, k = final_latents.shape[:2]
+    images = flow.decode(final_latents.flatten(0, 1), batch)
+    scores = reward(images, [p for p in prompts for _ in range(k)], [m for m in metadata for _ in range(k)])
+    return scores["reward"].float().cpu().reshape(b, k)
+
+
+def turning_point_agreement(exact: Sequence[Tensor], approximate: Sequence[Tensor]) -> dict:
+    """How the approximation's turning points match the exact ones.
+
+    ``exact`` and ``approximate`` hold one (B, W+1) reward tensor per rollout batch (balancing
+    acts within a batch). Returns the fraction of (image, step) flags that agree, the numbers of
+    exact, approximate and common flags with their Jaccard index, the fraction of incremental
+    rewards ``d_t`` of the same sign, and the mean absolute reward error of the completions.
+    """
+    from tpgrpo.credit import turning_points
+
+    agree = total = exact_flags = approx_flags = common = same_sign = 0
+    reward_error = []
+    for r_exact, r_approx in zip(exact, approximate):
+        f_exact, f_approx = turning_points(r_exact, balance=True), turning_points(r_approx, balance=True)
+        agree += int((f_exact == f_approx).sum())
+        total += f_exact.numel()
+        exact_flags += int(f_exact.sum())
+        approx_flags += int(f_approx.sum())
+        common += int((f_exact & f_approx).sum())
+        same_sign += int((torch.sign(r_exact.diff(dim=1)) == torch.sign(r_approx.diff(dim=1))).sum())
+        reward_error.append((r_exact - r_approx)[:, :-1].abs().flatten())
+    union = exact_flags + approx_flags - common
+    return {
+        "flag_agreement": agree / total,
+        "exact_flags": exact_flags,
+        "approx_flags": approx_flags,
+        "common_flags": common,
+        "jaccard": common / union if union else 1.0,
+        "increment_sign_agreement": same_sign / total,
+        "completion_reward_mae": torch.cat(reward_error).mean().item(),
+    }
+
+
+def agreement_case(args: argparse.Namespace, device: torch.device) -> dict:
+    from tpgrpo.rewards import build_reward
+    from tpgrpo.tiny.scenes import split_records
+
+    flow, weights = load_tiny(device)
+    reward = build_reward({args.reward: 1.0}).to(device)
+    records = split_records(0)[1][: args.agreement_prompts]
+    sigmas = flow.sigmas(args.steps).to(device)
+    exact_rewards: list[Tensor] = []
+    approx_rewards: dict[int, list[Tensor]] = {m: [] for m in args.branch_steps}
+    for index, record in enumerate(records):
+        prompts, metadata = [record["prompt"]] * args.group, [record] * args.group
+        velocity_fn = flow_velocity(flow, prompts, args.cfg)
+        latents = initial_latents(flow, args.group, args.seed + index)
+        for m in [None, *args.branch_steps]:
+            result = rollout(
+                velocity_fn, latents, sigmas, args.window_start, args.window, args.noise_level, args.kind,
+                generator=torch.Generator(device).manual_seed(args.seed + index), branch_steps=m,
+            )
+            scores = completion_rewards(flow, reward, result.final_latents, prompts, metadata, args.decode_batch)
+            (exact_rewards if m is None else approx_rewards[m]).append(scores)
+    return {
+        "weights": weights,
+        "reward": args.reward,
+        "prompts": len(records),
+        "group": args.group,
+        "exact_nfe_per_image": minimum_nfe(args.steps, args.window_start, args.window),
+        "branch_steps": {
+            str(m): {
+                "nfe_per_image": minimum_nfe(args.steps, args.window_start, args.window, branch_steps=m),
+                "sequential_nfe_per_image": sequential_nfe(args.steps, args.window_start, args.window, branch_steps=m),
+                **turning_point_agreement(exact_rewards, approx_rewards[m]),
+            }
+            for m in args.branch_steps
+        },
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10, help="T")
+    parser.add_argument("--window", type=int, default=9, help="W")
+    parser.add_argument("--window-start", type=int, default=0, help="s")
+    parser.add_argument("--noise-level", type=float, default=0.7)
+    parser.add_argument("--kind", default="cps", choices=("cps", "sde"))
+    parser.add_argument("--cfg", type=float, default=4.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--group", type=int, default=8, help="images per prompt (tiny case and agreement)")
+    parser.add_argument("--max-batch", type=int, default=None, help="engine micro-batch, tiny case")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats, tiny case (best is kept)")
+    parser.add_argument("--sd3-layers", type=int, default=None, help="default: 2 on CPU, 24 on CUDA")
+    parser.add_argument("--sd3-resolution", type=int, default=None, help="pixels; default: 128 on CPU, 512 on CUDA")
+    parser.add_argument("--sd3-group", type=int, default=None, help="default: 2 on CPU, --group on CUDA")
+    parser.add_argument("--sd3-repeats", type=int, default=None, help="default: 1 on CPU, 3 on CUDA")
+    parser.add_argument("--sd3-max-batch", type=int, default=None, help="engine micro-batch, SD3 case")
+    parser.add_argument("--reward", default="shapes", help="registered reward for the agreement case")
+    parser.add_argument("--agreement-prompts", type=int, default=8)
+    parser.add_argument("--branch-steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3, 5])
+    parser.add_argument("--decode-batch", type=int, default=64)
+    parser.add_argument("--cases", default="tiny,sd3,agreement", help="comma-separated subset of tiny,sd3,agreement")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    on_gpu = torch.device(args.device).type == "cuda"
+    defaults = dict(sd3_layers=(24, 2), sd3_resolution=(512, 128), sd3_group=(args.group, 2), sd3_repeats=(3, 1))
+    for name, (gpu, cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if on_gpu else cpu)
+    args.cases = args.cases.split(",")
+    unknown = set(args.cases) - {"tiny", "sd3", "agreement"}
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}")
+    return args
+
+
+def summary(results: dict) -> str:
+    """One line: per timed case the sequential and engine times, NFE and speed-up; agreement."""
+    parts = []
+    for name in ("tiny", "sd3.5-medium-shaped"):
+        if name in results["cases"]:
+            case = results["cases"][name]
+            seq, eng = case["sequential"], case["engine"]
+            parts.append(
+                f"{name} ({case['resolution']}px, G={case['group']}): sequential {seq['seconds']:.2f}s "
+                f"({seq['nfe_per_image']} NFE) -> engine {eng['seconds']:.2f}s ({eng['nfe_per_image']} NFE), "
+                f"{case['speedup']:.2f}x"
+            )
+    if "agreement" in results["cases"]:
+        approx = results["cases"]["agreement"]["branch_steps"]
+        parts.append(
+            "approximate branches, turning-point Jaccard vs exact: "
+            + ", ".join(f"m={m}: {a['jaccard']:.2f} ({a['nfe_per_image']} NFE)" for m, a in approx.items())
+        )
+    return "rollout benchmark: " + "; ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = {
+        "machine": machine(device),
+        "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "nfe_formulas": {
+            "sequential": sequential_nfe(args.steps, args.window_start, args.window),
+            "engine": minimum_nfe(args.steps, args.window_start, args.window),
+        },
+        "cases": {},
+    }
+    if "tiny" in args.cases:
+        results["cases"]["tiny"] = tiny_case(args, device)
+    if "sd3" in args.cases:
+        results["cases"]["sd3.5-medium-shaped"] = sd3_case(args, device)
+    if "agreement" in args.cases:
+        results["cases"]["agreement"] = agreement_case(args, device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(summary(results))
+
+
+if __name__ == "__main__":
+    main()

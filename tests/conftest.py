@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random SD3-architecture models saved to disk, built offline."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random SD3 pipeline saved with ``save_pretrained`` (a stand-in for SD3.5)."""
+    from tpgrpo.tiny.components import build_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_sd3")
+    build_pipeline(seed=0, num_layers=2).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    """A jsonl prompt file with four shapes prompts."""
+    import json
+
+    records = [
+        {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"},
+        {"tag": "single_object", "include": [{"class": "square", "count": 1}], "prompt": "a photo of a square"},
+        {"tag": "colors", "include": [{"class": "triangle", "count": 1, "color": "red"}], "prompt": "a photo of a red triangle"},
+        {"tag": "counting", "include": [{"class": "circle", "count": 2}], "prompt": "a photo of two circles"},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

@@ -1,0 +1,190 @@
+"""The training system end to end on a tiny random SD3 pipeline, through the real CLI."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpgrpo import credit
+from tpgrpo.cli import build_cli, main
+from tpgrpo.lora import disabled_adapter
+from tpgrpo.pipelines import FlowModel
+from tpgrpo.tiny.components import load_pipeline
+
+
+def cli_args(tmp_path, model_dir, prompts, *extra):
+    """A short fit configuration: 2 prompts × 4 images, 3 steps, 2-step window."""
+    return [
+        "--config", "configs/tiny.yaml",
+        f"--model.pretrained_path={model_dir}",
+        "--model.num_steps=3",
+        "--model.eval_num_steps=2",
+        "--model.window_size=2",
+        "--model.window_range=[0, 3]",
+        "--model.lora_rank=4",
+        "--model.lora_alpha=8",
+        "--model.log_images_every_n_steps=1",
+        # random weights draw no shapes: a reward that varies on any image gives a learning signal
+        "--model.rewards={jpeg_incompressibility: 1.0, shapes: 0.5}",
+        f"--data.train_prompts={prompts}",
+        f"--data.val_prompts={prompts}",
+        "--data.prompts_per_step=2",
+        "--data.group_size=4",
+        "--data.eval_seeds=1",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        *extra,
+    ]
+
+
+def scalar_tags(log_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"]) | {f"image:{t}" for t in events.Tags()["images"]}
+
+
+def test_fit_runs_end_to_end_and_logs(tmp_path, tiny_model_dir, prompt_file):
+    cli = build_cli(["fit", *cli_args(tmp_path, tiny_model_dir, prompt_file)])
+    assert cli.trainer.global_step == 2  # max_steps counts optimizer steps: one batch × 2 optimizer steps
+    tags = scalar_tags(Path(cli.trainer.log_dir))
+    for tag in [
+        "train/reward_mean", "train/reward_std", "train/shapes", "train/jpeg_incompressibility", "train/policy_loss", "train/clip_frac",
+        "train/ratio_mean", "train/grad_norm", "train/lr", "train/images_per_second", "per_step/R_0",
+        "per_step/R_2", "per_step/turning_point_rate_0", "per_step/advantage_abs_mean_1",
+        "train/turning_points_kept", "val/reward", "image:train/samples",
+    ]:
+        assert tag in tags, tag
+    checkpoint = torch.load(Path(cli.trainer.checkpoint_callback.last_model_path), weights_only=False, map_location="cpu")
+    assert checkpoint["state_dict"], "LoRA weights missing from the checkpoint"
+    assert all("lora" in key for key in checkpoint["state_dict"])
+
+
+def test_only_lora_is_trained(tmp_path, tiny_model_dir, prompt_file):
+    cli = build_cli(cli_args(tmp_path, tiny_model_dir, prompt_file), run=False)
+    model = cli.model
+    before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    after = model.transformer.state_dict()
+    lora_keys = [k for k in before if "lora" in k]
+    base_keys = [k for k in before if "lora" not in k]
+    assert lora_keys and base_keys
+    assert all(torch.equal(before[k], after[k]) for k in base_keys)
+    assert any(not torch.equal(before[k], after[k]) for k in lora_keys if "lora_B" in k)
+    # the frozen text encoders and VAE are untouched too
+    assert not any(p.requires_grad for p in model.flow.vae.parameters())
+
+
+def test_reference_is_the_base_model(tmp_path, tiny_model_dir, prompt_file):
+    cli = build_cli(cli_args(tmp_path, tiny_model_dir, prompt_file), run=False)
+    model = cli.model
+    with torch.no_grad():
+        for p in model.transformer.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    base = FlowModel.from_pipeline(load_pipeline(tiny_model_dir))
+    cond = base.encode(["a photo of a circle", "a photo of a square"])
+    latents = torch.randn(2, *base.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    expected = base.velocity(latents, 0.5, cond, guidance_scale=1.0)
+    with torch.no_grad():
+        adapted = model.flow.velocity(latents, 0.5, cond, guidance_scale=1.0, transformer=model.transformer)
+        with disabled_adapter(model.transformer):
+            reference = model.flow.velocity(latents, 0.5, cond, guidance_scale=1.0, transformer=model.transformer)
+    torch.testing.assert_close(reference, expected)
+    assert not torch.allclose(adapted, expected)
+
+
+def _collected(tmp_path, model_dir, prompts, *extra):
+    cli = build_cli(cli_args(tmp_path, model_dir, prompts, "--model.kl_beta=0", *extra), run=False)
+    datamodule = cli.datamodule
+    datamodule.trainer = cli.trainer
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    return cli.model, batch, cli.model.collect(batch, step=0)
+
+
+def test_first_ratio_is_one(tmp_path, tiny_model_dir, prompt_file):
+    model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file)
+    result = collected["rollout"]
+    rows = torch.arange(result.states.shape[0])
+    for index in model.trained_transitions(result):
+        _, metrics = model.transition_loss(
+            result, index, rows, collected["advantages"][:, index], collected["cond"]
+        )
+        assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-4
+        assert float(metrics["clip_frac"]) == 0.0
+
+
+def test_outcome_credit_gives_flow_grpo_loss(tmp_path, tiny_model_dir, prompt_file):
+    model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file, "--model.credit=outcome")
+    result = collected["rollout"]
+    assert result.final_latents.shape[1] == 1  # no branches for Flow-GRPO
+    final = collected["rewards"][:, -1]
+    expected_advantages = credit.group_advantages(
+        final, batch["group_ids"], clip=model.hparams.advantage_clip
+    )[:, None].expand(-1, result.window_size)
+    torch.testing.assert_close(collected["advantages"], expected_advantages)
+    rows = torch.arange(len(final))
+    loss, metrics = model.transition_loss(result, 0, rows, collected["advantages"][:, 0], collected["cond"])
+    # with ratio 1 the Flow-GRPO loss is -mean(A)
+    assert float(loss.detach()) == pytest.approx(float(-expected_advantages[:, 0].mean()), abs=1e-4)
+
+
+def test_tp_credit_uses_turning_point_rewards(tmp_path, tiny_model_dir, prompt_file):
+    model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file)
+    sequence = collected["rewards"]
+    assert sequence.shape == (8, 3)  # W + 1 rewards per image
+    torch.testing.assert_close(collected["step_rewards"], credit.turning_point_rewards(sequence))
+
+
+def run_main(capsys, args):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--data.train_prompts=missing.jsonl", "missing.jsonl"),
+        ("--model.window_size=5", "window_size"),
+        ("--model.rewards={nope: 1.0}", "unknown reward 'nope'"),
+        ("--data.group_size=1", "group_size"),
+        ("--model.noise_level=3", "noise_level"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, tiny_model_dir, prompt_file, capsys, override, message):
+    err = run_main(capsys, ["fit", *cli_args(tmp_path, tiny_model_dir, prompt_file), override])
+    assert message in err
+
+
+def test_empty_prompt_file(tmp_path, tiny_model_dir, prompt_file, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    err = run_main(capsys, ["fit", *cli_args(tmp_path, tiny_model_dir, prompt_file), f"--data.train_prompts={empty}"])
+    assert "empty" in err.lower()
+
+
+def test_config_typo_is_rejected(tmp_path, tiny_model_dir, prompt_file, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *cli_args(tmp_path, tiny_model_dir, prompt_file), "--model.noise_levle=0.5"])
+    assert stop.value.code != 0
+    assert "noise_levle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["configs/tiny.yaml", "configs/sd3.yaml", "configs/flux.yaml"])
+def test_shipped_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", config, "--print_config"])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    for key in ["num_steps", "window_size", "noise_level", "guidance_scale", "clip_range", "kl_beta", "eta", "lora_rank", "group_size"]:
+        assert f"{key}:" in printed

@@ -1,0 +1,326 @@
+"""Prompt files and the DataModule: training batches of complete prompt groups, split across ranks.
+
+Prompt files are ``.txt`` (one prompt per line, blank lines skipped; metadata ``{}``) or
+``.jsonl`` (one JSON object per line with a ``"prompt"`` key; the whole record is the
+prompt's metadata, passed to the rewards).
+
+Training: every epoch shuffles the prompts with ``(seed, epoch)``. Global step ``s`` takes the
+next ``prompts_per_step × world_size`` prompts of that permutation; rank ``r`` takes the
+``r``-th block of ``prompts_per_step`` of them and repeats each ``group_size`` times. So each
+group lives on exactly one rank (group statistics need no gathering), ranks never share a
+prompt within an epoch, and one process with ``prompts_per_step × world_size`` prompts sees
+exactly the union of the ranks' batches, with the same group ids. A trailing remainder of
+fewer than ``prompts_per_step × world_size`` prompts is skipped in that epoch (it is shuffled
+into others).
+
+Evaluation (validate / test / predict): every prompt × seeds ``0 .. eval_seeds - 1`` in file
+order, split into contiguous blocks across ranks (no duplicates; ranks may differ by one
+batch, so eval steps must not run collectives themselves).
+
+Lightning: the samplers subclass ``DistributedSampler``, so Lightning never replaces or wraps
+them, whatever ``use_distributed_sampler`` says. Lightning calls ``set_epoch`` with its own
+(checkpointed) epoch, and a run resumed in the middle of an epoch skips the batches that were
+already trained (read from Lightning's loop progress), so a resumed run sees the same prompts
+as an uninterrupted one; Lightning's warning that the dataloader "is not resumable" does not
+apply.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from tpgrpo.errors import UserInputError
+
+PROMPT_SUFFIXES = (".txt", ".jsonl")
+# The prompt file argument each Lightning stage reads.
+STAGE_FILES: Mapping[str, str] = {
+    "fit": "train_prompts", "validate": "val_prompts", "test": "test_prompts", "predict": "predict_prompts"
+}
+
+
+class PromptFileError(UserInputError):
+    """A prompt file that cannot be used; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of one file and their metadata records (same length, file order)."""
+
+    path: str
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def read_prompts(path: str | Path) -> PromptSet:
+    """Read a ``.txt`` or ``.jsonl`` prompt file; raise `PromptFileError` on any problem."""
+    path = Path(path)
+    if path.suffix not in PROMPT_SUFFIXES:
+        raise PromptFileError(f"{path}: unsupported prompt file type {path.suffix!r}; use .txt or .jsonl")
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found")
+    prompts: list[str] = []
+    metadata: list[dict[str, Any]] = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise PromptFileError(f"{path}, line {number}: not UTF-8 text") from None
+        if not line:
+            continue
+        prompt, record = (line, {}) if path.suffix == ".txt" else _parse_record(line, path, number)
+        prompts.append(prompt)
+        metadata.append(record)
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompts in the file (it is empty or blank)")
+    return PromptSet(str(path), prompts, metadata)
+
+
+def _parse_record(line: str, path: Path, number: int) -> tuple[str, dict[str, Any]]:
+    """The prompt and metadata of one jsonl line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise PromptFileError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise PromptFileError(f"{path}, line {number}: expected a JSON object with a \"prompt\" key")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptFileError(f"{path}, line {number}: no \"prompt\" key with a non-empty string")
+    return prompt, record
+
+
+# ---------------------------------------------------------------------------- training
+class GroupSampler(DistributedSampler):
+    """Yields, per training step of one rank, ``[(prompt_index, group_id), ...]`` of P groups.
+
+    ``group_id = epoch × groups_per_epoch + position in the epoch's permutation``: unique over
+    ranks and epochs. ``batches_done``: called when an epoch starts, returns how many of its
+    batches were already trained (non-zero when resuming mid-epoch); they are skipped.
+    """
+
+    def __init__(
+        self,
+        num_prompts: int,
+        prompts_per_step: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        batches_done: Callable[[], int] | None = None,
+    ):
+        super().__init__(range(num_prompts), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.num_prompts = num_prompts
+        self.prompts_per_step = prompts_per_step
+        self.batches_done = batches_done
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_prompts // (self.prompts_per_step * self.num_replicas)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # A generator: the epoch is read at the first batch, after Lightning's set_epoch.
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_prompts, generator=generator).tolist()
+        step_size = self.prompts_per_step * self.num_replicas
+        first_group = self.epoch * self.steps_per_epoch * step_size
+        start = self.batches_done() if self.batches_done is not None else 0
+        for step in range(start, self.steps_per_epoch):
+            begin = step * step_size + self.rank * self.prompts_per_step
+            yield [(order[pos], first_group + pos) for pos in range(begin, begin + self.prompts_per_step)]
+
+
+class GroupBatches(Dataset):
+    """Turns a `GroupSampler` plan into a training batch of P × G rows.
+
+    Batch: ``prompts`` list[str] (P·G,), ``metadata`` list[dict] (P·G,), ``group_ids`` and
+    ``prompt_index`` LongTensor (P·G,); each group's ``group_size`` rows are contiguous.
+    """
+
+    def __init__(self, prompts: PromptSet, group_size: int):
+        self.prompts = prompts
+        self.group_size = group_size
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, plan: list[tuple[int, int]]) -> dict[str, Any]:
+        rows = [(index, group) for index, group in plan for _ in range(self.group_size)]
+        return {
+            "prompts": [self.prompts.prompts[index] for index, _ in rows],
+            "metadata": [self.prompts.metadata[index] for index, _ in rows],
+            "group_ids": torch.tensor([group for _, group in rows], dtype=torch.long),
+            "prompt_index": torch.tensor([index for index, _ in rows], dtype=torch.long),
+        }
+
+
+# ---------------------------------------------------------------------------- evaluation
+class EvalSampler(DistributedSampler):
+    """Yields this rank's batches of evaluation items (``item = prompt_index × seeds + seed``).
+
+    The items ``0 .. num_items - 1`` are split into contiguous, balanced blocks, one per rank.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
+        super().__init__(range(num_items), num_replicas=world_size, rank=rank, shuffle=False)
+        self.begin = rank * num_items // world_size
+        self.end = (rank + 1) * num_items // world_size
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-(self.end - self.begin) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(self.begin, self.end, self.batch_size):
+            yield list(range(start, min(start + self.batch_size, self.end)))
+
+
+class EvalBatches(Dataset):
+    """Turns an `EvalSampler` plan into a batch: every prompt with seeds ``0 .. seeds - 1``.
+
+    Batch: ``prompts``, ``metadata`` (B,), ``prompt_index``, ``seeds`` and ``index`` (the
+    item number, unique per image, for file names) LongTensor (B,).
+    """
+
+    def __init__(self, prompts: PromptSet, seeds: int):
+        self.prompts = prompts
+        self.seeds = seeds
+
+    def __len__(self) -> int:
+        return len(self.prompts) * self.seeds
+
+    def __getitem__(self, items: list[int]) -> dict[str, Any]:
+        index = torch.tensor(items, dtype=torch.long)
+        prompt_index = index // self.seeds
+        return {
+            "prompts": [self.prompts.prompts[i] for i in prompt_index.tolist()],
+            "metadata": [self.prompts.metadata[i] for i in prompt_index.tolist()],
+            "prompt_index": prompt_index,
+            "seeds": index % self.seeds,
+            "index": index,
+        }
+
+
+# ---------------------------------------------------------------------------- DataModule
+class PromptDataModule(LightningDataModule):
+    """Prompt files -> training batches of prompt groups and evaluation batches with fixed seeds."""
+
+    def __init__(
+        self,
+        train_prompts: str | None = None,
+        val_prompts: str | None = None,
+        test_prompts: str | None = None,
+        predict_prompts: str | None = None,
+        prompts_per_step: int = 8,
+        group_size: int = 8,
+        eval_seeds: int = 1,
+        eval_batch_size: int = 16,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            train_prompts: prompt file for `fit` (.txt: one prompt per line; .jsonl: records
+                with a "prompt" key, the record is passed to the rewards as metadata).
+            val_prompts: prompt file for validation during `fit` and for `validate` (optional in `fit`).
+            test_prompts: prompt file for `test`.
+            predict_prompts: prompt file for `predict`.
+            prompts_per_step: distinct prompts per training batch on each rank.
+            group_size: images per prompt (the group whose rewards are compared).
+            eval_seeds: images per evaluation prompt, with the fixed seeds 0 .. eval_seeds - 1.
+            eval_batch_size: images per evaluation batch.
+            seed: seed of the per-epoch shuffle of the training prompts.
+        """
+        super().__init__()
+        for name, value, minimum in (
+            ("prompts_per_step", prompts_per_step, 1),
+            ("group_size", group_size, 2),  # a group of one image has no relative advantage
+            ("eval_seeds", eval_seeds, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+        ):
+            if value < minimum:
+                raise UserInputError(f"data.{name} must be >= {minimum}, got {value}")
+        self.save_hyperparameters()
+        self.prompt_sets: dict[str, PromptSet] = {}
+
+    @property
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str) -> None:
+        """Read the prompt files ``stage`` needs (fit: train and, if given, val)."""
+        for part in ["fit", "validate"] if stage == "fit" else [stage]:
+            path = self.hparams[STAGE_FILES[part]]
+            if path is not None:
+                self.prompt_sets[part] = read_prompts(path)
+            elif part == stage:
+                raise UserInputError(f"{stage} needs a prompt file: set data.{STAGE_FILES[part]}")
+        if stage == "fit":
+            self._check_train_size()
+
+    def _check_train_size(self) -> None:
+        _, world = self._rank_and_world
+        needed = self.hparams.prompts_per_step * world
+        have = len(self.prompt_sets["fit"])
+        if have < needed:
+            raise UserInputError(
+                f"{self.hparams.train_prompts}: {have} prompts, but one training step needs data.prompts_per_step × "
+                f"ranks = {self.hparams.prompts_per_step} × {world} = {needed}; lower data.prompts_per_step "
+                f"or add prompts"
+            )
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch Lightning already trained (non-zero only when resuming mid-epoch)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world
+        h = self.hparams
+        prompts = self.prompt_sets["fit"]
+        sampler = GroupSampler(
+            len(prompts), h.prompts_per_step, rank=rank, world_size=world, seed=h.seed, batches_done=self._batches_done
+        )
+        return self._loader(GroupBatches(prompts, h.group_size), sampler)
+
+    def _eval_dataloader(self, part: str) -> DataLoader | list:
+        prompts = self.prompt_sets.get(part)
+        if prompts is None:
+            return []
+        rank, world = self._rank_and_world
+        dataset = EvalBatches(prompts, self.hparams.eval_seeds)
+        if len(dataset) < world:
+            raise UserInputError(f"{prompts.path}: {len(dataset)} evaluation images cannot be split over {world} ranks")
+        sampler = EvalSampler(len(dataset), self.hparams.eval_batch_size, rank=rank, world_size=world)
+        return self._loader(dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_dataloader("validate")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_dataloader("predict")
+
+    @staticmethod
+    def _loader(dataset: Dataset, sampler: DistributedSampler) -> DataLoader:
+        """Each sampler item is one whole batch (``batch_size=None``: no collation).
+
+        No worker processes: building a batch of strings takes microseconds, and the samplers
+        must run in the main process to read the epoch and resume position lazily.
+        """
+        return DataLoader(dataset, batch_size=None, sampler=sampler)

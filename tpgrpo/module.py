@@ -1,0 +1,510 @@
+"""The LightningModule: grouped rollouts, rewards, credit, advantages and the clipped GRPO step.
+
+It composes the pure pieces: `tpgrpo.rollout` (trajectories and branches), `tpgrpo.rewards`
+(scores), `tpgrpo.credit` (per-step rewards, advantages, loss) and `tpgrpo.sde` (log-probs,
+KL). The model side (encode, velocity, decode) lives in `tpgrpo.pipelines`, LoRA in
+`tpgrpo.lora`.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from tpgrpo import credit as credit_rules
+from tpgrpo.errors import UserInputError
+from tpgrpo.images import image_grid
+from tpgrpo.lora import add_lora, disabled_adapter, lora_parameters
+from tpgrpo.pipelines import FlowModel, PromptEmbeds, load_flow_model
+from tpgrpo.rewards import build_reward
+from tpgrpo.rollout import Rollout, rollout, sample_window_start
+from tpgrpo.sde import STEP_KINDS, kl_to_reference, ode_step, sde_step, step_std
+from tpgrpo.tiny.components import DEFAULT_MODEL_DIR
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps with NaN or infinite numbers."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserInputError(message)
+
+
+def _seed_for(*parts: Any) -> int:
+    """A reproducible 63-bit seed from any values (stable across processes, unlike ``hash``)."""
+    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63 - 1)
+
+
+class TPGRPOModule(LightningModule):
+    """TP-GRPO (or Flow-GRPO with ``credit="outcome"``) fine-tuning of a flow-matching model's LoRA.
+
+    Args:
+        pretrained_path: hub id or local folder of a diffusers SD3 / FLUX pipeline; defaults to
+            the shipped tiny model.
+        family: "auto" (read the folder), "sd3" or "flux".
+        credit: "tp" (turning points, TP-GRPO) or "outcome" (Flow-GRPO: every step gets R_W).
+        rewards: reward names and weights, e.g. ``{"pickscore": 1.0, "ocr": 0.5}``.
+        reward_options: keyword arguments per reward name.
+        resolution: image side in pixels.
+        num_steps: denoising steps ``T`` of a training rollout.
+        eval_num_steps: ODE steps for validation / test / predict.
+        guidance_scale: classifier-free guidance during rollouts and training (1 disables CFG).
+        eval_guidance_scale: guidance for validation / test / predict.
+        noise_level: ``a`` of the SDE step.
+        step_kind: "cps" (TP-GRPO default) or "sde" (Flow-GRPO).
+        window_size: ``W``, number of stochastic (trained) steps.
+        window_range: ``(lo, hi)`` steps the window may cover; the start is drawn from [lo, hi-W].
+        same_noise_per_group: all images of a prompt start from the same initial noise.
+        eta: scale of the long-term reward given at turning points.
+        balance: balance turning points of rising and falling trajectories.
+        branch_steps: approximation, off (None) by default: complete branches with this many ODE steps.
+        clip_range: PPO ratio clip ``ε``.
+        advantage_clip: advantages are clamped to ``±advantage_clip``.
+        advantage_eps: added to the group std.
+        global_std: normalise advantages by the std of the whole batch instead of each group's.
+        kl_beta: weight ``β`` of the KL to the reference (the base model, adapter disabled).
+        optimizer_steps_per_batch: optimizer steps over one rollout batch (its samples split evenly).
+        train_micro_batch: samples per forward/backward during the update (None: a whole part).
+        rollout_max_batch: most latents per transformer call during rollouts (None: no limit).
+        learning_rate, adam_betas, weight_decay, adam_eps: AdamW settings.
+        warmup_steps: linear learning-rate warm-up in optimizer steps (0: constant).
+        max_grad_norm: gradient-norm clip.
+        lora_rank, lora_alpha: LoRA size and scale.
+        lora_targets: module names to adapt; None uses the model family's attention projections.
+        gradient_checkpointing: recompute transformer blocks in the backward pass to save memory.
+        max_sequence_length: text tokens of the T5 encoder (SD3 / FLUX).
+        log_images_every_n_steps: how often the rollout image grid goes to TensorBoard (0: never).
+        predict_dir: where ``predict`` writes its images.
+        seed: base seed of rollout noise and window draws (per rank and step).
+        max_bad_steps: consecutive steps with NaN/inf rewards, losses or gradients tolerated
+            (each is skipped with a warning) before training stops with an error.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str = str(DEFAULT_MODEL_DIR),
+        family: str = "auto",
+        credit: str = "tp",
+        rewards: dict[str, float] | None = None,
+        reward_options: dict[str, dict[str, Any]] | None = None,
+        resolution: int = 32,
+        num_steps: int = 10,
+        eval_num_steps: int = 10,
+        guidance_scale: float = 4.5,
+        eval_guidance_scale: float = 4.5,
+        noise_level: float = 0.7,
+        step_kind: str = "cps",
+        window_size: int = 9,
+        window_range: tuple[int, int] | None = None,
+        same_noise_per_group: bool = False,
+        eta: float = 1.0,
+        balance: bool = True,
+        branch_steps: int | None = None,
+        clip_range: float = 1e-5,
+        advantage_clip: float = 5.0,
+        advantage_eps: float = 1e-4,
+        global_std: bool = False,
+        kl_beta: float = 1e-4,
+        optimizer_steps_per_batch: int = 2,
+        train_micro_batch: int | None = None,
+        rollout_max_batch: int | None = None,
+        learning_rate: float = 3e-4,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-4,
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        lora_rank: int = 32,
+        lora_alpha: float = 64.0,
+        lora_targets: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        max_sequence_length: int = 256,
+        log_images_every_n_steps: int = 50,
+        predict_dir: str = "outputs/predict",
+        seed: int = 0,
+        max_bad_steps: int = 5,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the LoRA and training state, not the frozen base
+        self.rewards_weights = dict(rewards or {"shapes": 1.0})
+        self.bad_steps = 0  # consecutive skipped steps
+        self.skipped_steps = 0
+        self._validate()
+        self.flow: FlowModel = load_flow_model(
+            pretrained_path, family=family, max_sequence_length=max_sequence_length
+        )
+        self.transformer = self.flow.transformer
+        add_lora(self.transformer, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets, family=self.flow.family)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        try:
+            self.reward = build_reward(self.rewards_weights, reward_options)
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
+
+    # ----------------------------------------------------------------------------- config checks
+    def _validate(self) -> None:
+        h = self.hparams
+        _check(h.credit in credit_rules.CREDITS, f"credit must be one of {sorted(credit_rules.CREDITS)}, got {h.credit!r}")
+        _check(h.step_kind in STEP_KINDS, f"step_kind must be one of {STEP_KINDS}, got {h.step_kind!r}")
+        _check(h.num_steps >= 1 and h.eval_num_steps >= 1, "num_steps and eval_num_steps must be >= 1")
+        _check(
+            1 <= h.window_size <= h.num_steps,
+            f"window_size ({h.window_size}) must be between 1 and num_steps ({h.num_steps}); "
+            "lower window_size or raise num_steps",
+        )
+        if h.window_range is not None:
+            lo, hi = h.window_range
+            _check(
+                0 <= lo < hi <= h.num_steps and hi - lo >= h.window_size,
+                f"window_range {tuple(h.window_range)} must satisfy 0 <= lo < hi <= num_steps ({h.num_steps}) "
+                f"and hold window_size ({h.window_size}) steps",
+            )
+        _check(0.0 <= h.noise_level <= 1.0, f"noise_level must be in [0, 1], got {h.noise_level}")
+        _check(h.clip_range > 0, f"clip_range must be > 0, got {h.clip_range}")
+        _check(h.kl_beta >= 0, f"kl_beta must be >= 0, got {h.kl_beta}")
+        _check(h.optimizer_steps_per_batch >= 1, "optimizer_steps_per_batch must be >= 1")
+        _check(h.learning_rate > 0, f"learning_rate must be > 0, got {h.learning_rate}")
+        _check(h.resolution > 0, f"resolution must be > 0, got {h.resolution}")
+        _check(bool(self.rewards_weights), "rewards must name at least one reward, e.g. {shapes: 1.0}")
+        _check(h.branch_steps is None or h.branch_steps >= 1, "branch_steps must be >= 1 or null")
+        _check(h.max_bad_steps >= 0, "max_bad_steps must be >= 0")
+
+    # --------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = torch.optim.AdamW(
+            lora_parameters(self.transformer),
+            lr=h.learning_rate,
+            betas=tuple(h.adam_betas),
+            weight_decay=h.weight_decay,
+            eps=h.adam_eps,
+        )
+        warmup = max(h.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------ model pieces
+    def _conditioning(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Text embeddings (N rows) of each image's prompt; `FlowModel.encode` encodes each prompt once."""
+        return self.flow.encode(list(prompts))
+
+    def _velocity_fn(self, cond: PromptEmbeds, guidance: float):
+        """The rollout's ``velocity_fn(latents, sigma, rows)`` for the current policy (CFG inside)."""
+
+        def velocity(latents: Tensor, sigma: float, rows: Tensor) -> Tensor:
+            return self.flow.velocity(
+                latents, sigma, cond.index(rows), guidance_scale=guidance, transformer=self.transformer
+            )
+
+        return velocity
+
+    def _initial_noise(self, group_ids: Tensor, generator: torch.Generator) -> Tensor:
+        h = self.hparams
+        if not h.same_noise_per_group:
+            return self.flow.initial_noise(len(group_ids), h.resolution, generator).to(self.device)
+        unique, inverse = torch.unique(group_ids, return_inverse=True)
+        noise = self.flow.initial_noise(len(unique), h.resolution, generator).to(self.device)
+        return noise[inverse.to(self.device)]
+
+    def _score(
+        self, latents: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Decode (N, C, h, w) latents and score them: scores (each (N,) float32) and the images."""
+        images = self.flow.decode(latents)
+        return self.reward(images, list(prompts), list(metadata)), images
+
+    def trained_transitions(self, result: Rollout) -> list[int]:
+        """The one place that decides which window transitions are trained: all of them."""
+        return list(range(result.window_size))
+
+    # --------------------------------------------------------------------------------- rollouts
+    @torch.no_grad()
+    def collect(self, batch: Mapping[str, Any], step: Any) -> dict[str, Any]:
+        """Rollout, rewards, credit and advantages of one batch of prompts × group size.
+
+        ``step`` (any hashable value) seeds the rollout noise together with ``seed`` and the rank.
+        """
+        h = self.hparams
+        prompts, metadata, group_ids = batch["prompts"], batch["metadata"], batch["group_ids"].to(self.device)
+        generator = torch.Generator().manual_seed(_seed_for(h.seed, step, self.global_rank))
+        window_start = sample_window_start(h.num_steps, h.window_size, h.window_range, generator)
+        cond = self._conditioning(prompts)
+        was_training = self.transformer.training
+        self.transformer.eval()
+        result = rollout(
+            self._velocity_fn(cond, h.guidance_scale),
+            self._initial_noise(group_ids, generator),
+            self.flow.sigmas(h.num_steps, h.resolution).to(self.device),
+            window_start,
+            h.window_size,
+            h.noise_level,
+            kind=h.step_kind,
+            branches=h.credit == "tp",
+            generator=generator,
+            branch_steps=h.branch_steps,
+            max_batch=h.rollout_max_batch,
+        )
+        self.transformer.train(was_training)
+        num_images, completions = result.final_latents.shape[:2]
+        flat = result.final_latents.flatten(0, 1)
+        scores, images = self._score(
+            flat,
+            [p for p in prompts for _ in range(completions)],
+            [m for m in metadata for _ in range(completions)],
+        )
+        sequence = scores["reward"].view(num_images, completions)
+        options = {"eta": h.eta, "balance": h.balance} if h.credit == "tp" else {}
+        if h.credit == "tp":
+            per_step = credit_rules.step_rewards("tp", sequence, **options)
+        else:
+            per_step = credit_rules.outcome_rewards(sequence[:, -1], h.window_size)
+        advantages = credit_rules.group_advantages(
+            per_step, group_ids, eps=h.advantage_eps, global_std=h.global_std, clip=h.advantage_clip
+        )
+        return {
+            "rollout": result,
+            "cond": cond,
+            "rewards": sequence,
+            "scores": {k: v.view(num_images, completions) for k, v in scores.items()},
+            "step_rewards": per_step,
+            "advantages": advantages,
+            "images": images.view(num_images, completions, *images.shape[1:])[:, -1],
+        }
+
+    # ----------------------------------------------------------------------------------- update
+    def transition_loss(
+        self, result: Rollout, index: int, rows: Tensor, advantages: Tensor, cond: PromptEmbeds
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped policy loss (+ β·KL) of window transition ``index`` for the images ``rows``."""
+        h = self.hparams
+        sigma = float(result.trained_sigmas[index])
+        sigma_next = float(result.trained_sigmas_next[index])
+        sample = result.states[rows, index]
+        taken = result.states[rows, index + 1]
+        velocity_fn = self._velocity_fn(cond, h.guidance_scale)
+        velocity = velocity_fn(sample, sigma, rows)
+        _, log_prob, mean = sde_step(velocity, sample, sigma, sigma_next, h.noise_level, h.step_kind, prev_sample=taken)
+        loss, metrics = credit_rules.clipped_policy_loss(
+            log_prob, result.log_probs[rows, index], advantages, h.clip_range, h.advantage_clip
+        )
+        if h.kl_beta > 0:
+            with torch.no_grad(), disabled_adapter(self.transformer):
+                reference_velocity = velocity_fn(sample, sigma, rows)
+            _, _, reference_mean = sde_step(
+                reference_velocity, sample, sigma, sigma_next, h.noise_level, h.step_kind, prev_sample=taken
+            )
+            std = step_std(torch.tensor(sigma), torch.tensor(sigma_next), h.noise_level, h.step_kind)
+            kl = kl_to_reference(mean, reference_mean, std).mean()
+            loss = loss + h.kl_beta * kl
+            metrics["kl"] = kl.detach()
+        metrics["policy_loss"] = loss.detach()
+        metrics["log_prob_diff"] = (log_prob.detach() - result.log_probs[rows, index]).abs().max()
+        return loss, metrics
+
+    def _update(self, collected: dict[str, Any]) -> dict[str, float]:
+        """``optimizer_steps_per_batch`` optimizer steps over the batch's images, split evenly.
+
+        Every rollout batch takes exactly that many steps (so ``max_steps`` and resuming count
+        the same way whatever happens); a step without images with a learning signal, or with a
+        non-finite gradient, has no gradients and leaves the weights unchanged.
+        """
+        h = self.hparams
+        result: Rollout = collected["rollout"]
+        advantages = collected["advantages"]
+        active = credit_rules.active_rows(advantages).nonzero().flatten()
+        totals: dict[str, list[Tensor]] = {}
+        for part in active.tensor_split(h.optimizer_steps_per_batch):
+            if part.numel():
+                self._accumulate(collected, part, totals)
+            grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer), h.max_grad_norm)
+            if part.numel() and not torch.isfinite(grad_norm):
+                self.optimizers().zero_grad(set_to_none=True)
+                self._skip_step("the loss or its gradient is NaN or infinite")
+            elif part.numel():
+                self.bad_steps = 0
+                totals.setdefault("grad_norm", []).append(grad_norm.detach())
+            self._optimizer_step()
+        out = {key: float(torch.stack(values).float().mean()) for key, values in totals.items()}
+        out["active_fraction"] = active.numel() / advantages.shape[0]
+        return out
+
+    def _accumulate(self, collected: dict[str, Any], part: Tensor, totals: dict[str, list[Tensor]]) -> None:
+        """Backward of the mean loss over the images ``part`` and all trained transitions."""
+        result: Rollout = collected["rollout"]
+        transitions = self.trained_transitions(result)
+        for rows in part.split(self.hparams.train_micro_batch or part.numel()):
+            weight = rows.numel() / part.numel() / len(transitions)
+            for index in transitions:
+                loss, metrics = self.transition_loss(
+                    result, index, rows, collected["advantages"][rows, index], collected["cond"]
+                )
+                self.manual_backward(loss * weight)
+                for key, value in metrics.items():
+                    totals.setdefault(key, []).append(value)
+
+    def _optimizer_step(self) -> None:
+        """One optimizer and scheduler step (a no-op for weights without gradients)."""
+        optimizer = self.optimizers()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+
+    # ------------------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        started = time.perf_counter()
+        step_key = (self.current_epoch, batch_idx, self.global_step)
+        collected = self.collect(batch, step_key)
+        if not torch.isfinite(collected["rewards"]).all():
+            self._skip_step("the reward is NaN or infinite for some images")
+            for _ in range(self.hparams.optimizer_steps_per_batch):
+                self._optimizer_step()
+            return
+        update_metrics = self._update(collected)
+        elapsed = time.perf_counter() - started
+        self._log_training(collected, update_metrics, elapsed)
+
+    def _skip_step(self, reason: str) -> None:
+        """Count a skipped (non-finite) step; stop after ``max_bad_steps`` in a row."""
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        rank_zero_warn(f"skipping a training step: {reason} ({self.bad_steps} in a row)")
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.bad_steps > self.hparams.max_bad_steps:
+            raise TrainingDivergedError(
+                f"{self.bad_steps} consecutive training steps had NaN/inf values ({reason}); "
+                "lower the learning rate, check the reward, or resume from the last checkpoint"
+            )
+
+    def _log_training(self, collected: dict[str, Any], update: dict[str, float], elapsed: float) -> None:
+        h = self.hparams
+        sequence = collected["rewards"]
+        final = sequence[:, -1]
+        metrics = {
+            "train/reward_mean": final.mean(),
+            "train/reward_std": final.std(unbiased=False),
+            "train/images_per_second": torch.tensor(final.numel() / elapsed),
+            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/nfe_per_image": torch.tensor(float(collected["rollout"].nfe_per_image)),
+        }
+        for key, value in collected["scores"].items():
+            if key != "reward":
+                metrics[f"train/{key}"] = value[:, -1].float().mean()
+        metrics.update({f"train/{k}": torch.tensor(v) for k, v in update.items()})
+        if h.credit == "tp":
+            raw = credit_rules.raw_turning_points(sequence)
+            kept = credit_rules.turning_points(sequence, balance=h.balance)
+            metrics["train/turning_points_kept"] = kept.float().sum()
+            metrics["train/turning_points_dropped"] = (raw & ~kept).float().sum()
+            for k in range(sequence.shape[1]):
+                metrics[f"per_step/R_{k}"] = sequence[:, k].mean()
+            for t in range(kept.shape[1]):
+                metrics[f"per_step/turning_point_rate_{t}"] = kept[:, t].float().mean()
+        advantages = collected["advantages"]
+        for t in range(advantages.shape[1]):
+            metrics[f"per_step/advantage_abs_mean_{t}"] = advantages[:, t].abs().mean()
+            metrics[f"per_step/step_reward_mean_{t}"] = collected["step_rewards"][:, t].mean()
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=final.numel())
+        self.log("reward", final.mean(), prog_bar=True, batch_size=final.numel())
+        every = h.log_images_every_n_steps
+        if every and self.global_step % every == 0:
+            self._log_image_grid("train/samples", collected["images"], final)
+
+    def _log_image_grid(self, tag: str, images: Tensor, rewards: Tensor, prompts: Sequence[str] | None = None) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        count = min(16, images.shape[0])
+        experiment.add_image(tag, image_grid(images[:count].float().cpu()), self.global_step)
+        captions = [f"{i}: {float(r):.3f}" + (f" {prompts[i]}" if prompts else "") for i, r in enumerate(rewards[:count])]
+        experiment.add_text(f"{tag}_captions", "  \n".join(captions), self.global_step)
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Tensor) -> Tensor:
+        """Deterministic ODE samples (N, 3, H, W) in [0, 1], one per prompt and seed."""
+        h = self.hparams
+        noise = torch.stack(
+            [self.flow.initial_noise(1, h.resolution, torch.Generator().manual_seed(int(s)))[0] for s in seeds]
+        ).to(self.device)
+        velocity_fn = self._velocity_fn(self._conditioning(prompts), h.eval_guidance_scale)
+        sigmas = self.flow.sigmas(h.eval_num_steps, h.resolution).tolist()
+        rows = torch.arange(len(prompts), device=self.device)
+        latents = noise
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            latents = ode_step(velocity_fn(latents, sigma, rows), latents, sigma, sigma_next)
+        return self.flow.decode(latents)
+
+    def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
+        images = self.sample(batch["prompts"], batch["seeds"])
+        scores = self.reward(images, list(batch["prompts"]), list(batch["metadata"]))
+        for key, value in scores.items():
+            self.log(f"{stage}/{key}", value.mean(), batch_size=value.numel(), sync_dist=True)
+        self._eval_outputs.append({k: v.cpu() for k, v in scores.items()})
+        if not self._eval_images:
+            self._eval_images = (images[:16].cpu(), scores["reward"][:16].cpu(), list(batch["prompts"][:16]))
+
+    def _start_eval(self) -> None:
+        self._eval_outputs: list[dict[str, Tensor]] = []
+        self._eval_images: tuple | None = None
+
+    def _finish_eval(self, stage: str) -> None:
+        if not self._eval_outputs:
+            return
+        rewards = torch.cat([o["reward"] for o in self._eval_outputs])
+        rewards = self.all_gather(rewards.to(self.device)).flatten().float()
+        stderr = rewards.std() / rewards.numel() ** 0.5 if rewards.numel() > 1 else torch.zeros(())
+        self.log(f"{stage}/reward_stderr", stderr, sync_dist=False, rank_zero_only=True)
+        self.eval_summary = {
+            key: torch.cat([o[key] for o in self._eval_outputs]).float() for key in self._eval_outputs[0]
+        }
+        if self._eval_images is not None:
+            self._log_image_grid(f"{stage}/samples", *self._eval_images)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[str]:
+        from pathlib import Path
+
+        from tpgrpo.images import save_image
+
+        out = Path(self.hparams.predict_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        images = self.sample(batch["prompts"], batch["seeds"])
+        paths = []
+        for image, index, seed in zip(images, batch["index"], batch["seeds"]):
+            path = out / f"{int(index):05d}_seed{int(seed)}.png"
+            save_image(image, path)
+            paths.append(str(path))
+        return paths
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable (LoRA) weights: the frozen base comes from ``pretrained_path``."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -1,0 +1,517 @@
+"""The model side of TP-GRPO: a flow-matching text-to-image model behind one small interface.
+
+`FlowModel` wraps a diffusers pipeline (SD3 / SD3.5 through `SD3Model`, FLUX through
+`FluxModel`) and exposes what the rollout and the training step need:
+
+    cond = model.encode(prompts)                          # PromptEmbeds of N images, no grad
+    sigmas = model.sigmas(num_steps, resolution)          # (T+1,) float32, 1 -> 0
+    x = model.initial_noise(n, resolution, generator)     # (N, C, h, w) float32
+    v = model.velocity(x, sigma, cond, guidance_scale)    # (N, C, h, w) float32, one transformer call
+    images = model.decode(x)                              # (N, 3, H, W) float32 in [0, 1], no grad
+
+Latents are always (N, C, h, w) for callers; FLUX packing happens inside `velocity`. All
+weights are frozen on construction; the policy is a LoRA added to ``model.transformer``
+(see `tpgrpo.lora`), and ``velocity(..., transformer=...)`` accepts a wrapped transformer.
+`FlowModel` is an ``nn.Module`` so that Lightning moves it with the LightningModule; its
+state dict therefore holds every frozen weight (save only the LoRA in checkpoints).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from tpgrpo.errors import UserInputError
+
+Resolution = int | tuple[int, int]
+
+
+class ModelLoadError(UserInputError):
+    """A model path or hub id that cannot be loaded; the message says what to change."""
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning of N images.
+
+    ``prompt_embeds``: (N, L, D) token embeddings (SD3: CLIP and T5 tokens; FLUX: T5 tokens).
+    ``pooled``: (N, P) pooled embeddings (SD3: both CLIP encoders; FLUX: CLIP).
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.prompt_embeds.shape[0] != self.pooled.shape[0]:
+            raise ValueError(
+                f"prompt_embeds has {self.prompt_embeds.shape[0]} rows but pooled has {self.pooled.shape[0]}"
+            )
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def index(self, idx: torch.Tensor | Sequence[int]) -> PromptEmbeds:
+        """Rows ``idx`` (LongTensor (M,), repeats allowed) as a new PromptEmbeds of M images."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.prompt_embeds.device)
+        return PromptEmbeds(self.prompt_embeds[idx], self.pooled[idx])
+
+    def to(self, *args, **kwargs) -> PromptEmbeds:
+        """Same as ``Tensor.to`` on every field (device and/or dtype)."""
+        return PromptEmbeds(*(getattr(self, f.name).to(*args, **kwargs) for f in fields(self)))
+
+    @staticmethod
+    def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        """Rows of ``parts`` one after the other."""
+        if not parts:
+            raise ValueError("PromptEmbeds.cat needs at least one part")
+        return PromptEmbeds(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PromptEmbeds)))
+
+
+class FlowModel(nn.Module):
+    """A frozen flow-matching text-to-image pipeline; subclasses implement one model family.
+
+    ``max_sequence_length``: T5 tokens per prompt (None: the family's default). A pipeline
+    without T5 (the tiny model) still appends that many zero tokens, so it must match the
+    value the model was trained with. ``offload_text_encoders``: keep the text encoders on
+    the CPU and move them to the model's device only while `encode` runs.
+    ``decode_batch_size``: most images per VAE call in `decode`.
+    """
+
+    family: str = ""
+    pipeline_class: type[DiffusionPipeline]
+    default_max_sequence_length: int = 256
+    _patch: int  # latent cells per transformer token along each side
+    _latent_channels: int
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        *,
+        max_sequence_length: int | None = None,
+        offload_text_encoders: bool = False,
+        decode_batch_size: int = 16,
+    ):
+        super().__init__()
+        if decode_batch_size < 1:
+            raise UserInputError(f"decode_batch_size must be >= 1, got {decode_batch_size}")
+        if max_sequence_length is not None and max_sequence_length < 1:
+            raise UserInputError(f"max_sequence_length must be >= 1 (None: the default), got {max_sequence_length}")
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.text_encoders = nn.ModuleList(
+            [getattr(pipe, name) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+             if getattr(pipe, name, None) is not None]
+        )
+        self.requires_grad_(False)
+        self.eval()
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.offload_text_encoders = offload_text_encoders
+        self.decode_batch_size = decode_batch_size
+        self._negative: PromptEmbeds | None = None
+        if offload_text_encoders:
+            self.text_encoders.to("cpu")
+
+    @staticmethod
+    def from_pipeline(pipe: DiffusionPipeline, **kwargs) -> FlowModel:
+        """The `FlowModel` subclass for ``pipe``'s class; ``kwargs`` go to its constructor."""
+        for cls in PIPELINE_FAMILIES.values():
+            if isinstance(pipe, cls.pipeline_class):
+                return cls(pipe, **kwargs)
+        raise ModelLoadError(
+            f"unsupported pipeline class {type(pipe).__name__}; supported: {', '.join(PIPELINE_FAMILIES)}"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the transformer (where `velocity`, `encode` and `initial_noise` put tensors)."""
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the transformer's base weights (inputs are cast to it)."""
+        return self.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        return self.pipe.vae_scale_factor
+
+    def train(self, mode: bool = True) -> FlowModel:
+        """Train/eval mode of the transformer only; the VAE and text encoders stay in eval mode."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoders.eval()
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Text conditioning of ``prompts`` (N strings) on the model's device.
+
+        Each distinct prompt is encoded once, so a batch of groups costs one pass per prompt.
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("encode needs a non-empty list of prompts")
+        unique = list(dict.fromkeys(prompts))
+        position = {p: i for i, p in enumerate(unique)}
+        with self._text_encoders_on(self.device):
+            embeds = self._encode_unique(unique)
+        return embeds.index([position[p] for p in prompts])
+
+    def negative(self, n: int) -> PromptEmbeds:
+        """Embeddings of the empty prompt for ``n`` images (the CFG unconditional branch), cached."""
+        if self._negative is None:
+            self._negative = self.encode([""])
+        return self._negative.to(self.device).index(torch.zeros(n, dtype=torch.long))
+
+    @contextmanager
+    def _text_encoders_on(self, device: torch.device) -> Iterator[None]:
+        """Move offloaded text encoders to ``device`` for the duration of the block."""
+        if not self.offload_text_encoders:
+            yield
+            return
+        self.text_encoders.to(device)
+        try:
+            yield
+        finally:
+            self.text_encoders.to("cpu")
+
+    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
+        raise NotImplementedError
+
+    def latent_shape(self, resolution: Resolution) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image of ``resolution`` pixels (int or (H, W))."""
+        height, width = _pair(resolution)
+        multiple = self.vae_scale_factor * self._patch
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise UserInputError(
+                f"resolution {height}x{width} must be a positive multiple of {multiple} "
+                f"(VAE factor {self.vae_scale_factor} x patch {self._patch}) for this model"
+            )
+        return self._latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def initial_noise(
+        self,
+        n: int,
+        resolution: Resolution,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Standard normal latents (n, C, h, w) float32 on the model's device.
+
+        ``generator`` may be a list of n generators (one per image, e.g. fixed eval seeds);
+        CPU generators give the same noise on every device.
+        """
+        shape = (n, *self.latent_shape(resolution))
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    def sigmas(self, num_steps: int, resolution: Resolution | None = None) -> torch.Tensor:
+        """Noise levels (num_steps + 1,) float32 on the CPU: σ_0 = 1 > σ_1 > ... > σ_T = 0.
+
+        From a fresh copy of the pipeline's flow-match scheduler, with its shift. Schedulers
+        with dynamic shifting (FLUX) shift by the image size: they need ``resolution``.
+        """
+        if num_steps < 1:
+            raise UserInputError(f"num_steps must be >= 1, got {num_steps}")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            if resolution is None:
+                raise ValueError(f"sigmas() needs the resolution for {type(self).__name__}: its schedule depends on it")
+            kwargs["mu"] = self._mu(resolution)
+        scheduler.set_timesteps(num_steps, sigmas=self._base_sigmas(num_steps), **kwargs)
+        return scheduler.sigmas.to(dtype=torch.float32, device="cpu")
+
+    def _mu(self, resolution: Resolution) -> float:
+        """The scheduler's resolution-dependent shift for this image size (diffusers' formula)."""
+        _, h, w = self.latent_shape(resolution)
+        config = self.pipe.scheduler.config
+        names = {"base_seq_len": "base_image_seq_len", "max_seq_len": "max_image_seq_len",
+                 "base_shift": "base_shift", "max_shift": "max_shift"}
+        kwargs = {arg: config[key] for arg, key in names.items() if config.get(key) is not None}
+        return calculate_shift((h // self._patch) * (w // self._patch), **kwargs)
+
+    def _base_sigmas(self, num_steps: int) -> list[float] | None:
+        """Unshifted sigmas the family's pipeline passes to the scheduler (None: its default)."""
+        return None
+
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: float | torch.Tensor,
+        cond: PromptEmbeds,
+        guidance_scale: float = 1.0,
+        uncond: PromptEmbeds | None = None,
+        transformer: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Predicted velocity (N, C, h, w) float32 of latents (N, C, h, w) at noise level ``sigma``.
+
+        ``sigma``: float or (N,). ``cond``: N rows. One call of ``transformer`` (default
+        ``self.transformer``; pass the LoRA-, DDP- or FSDP-wrapped module to train it), with
+        inputs cast to the transformer's dtype. Guidance is family-specific (see subclasses).
+        """
+        n = latents.shape[0]
+        if len(cond) != n:
+            raise ValueError(f"{n} latents but {len(cond)} conditioning rows")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(n)
+        elif sigma.shape != (n,):
+            raise ValueError(f"sigma must be a scalar or have shape ({n},), got {tuple(sigma.shape)}")
+        transformer = transformer if transformer is not None else self.transformer
+        return self._velocity(transformer, latents, sigma, cond.to(latents.device), guidance_scale, uncond)
+
+    def _velocity(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: PromptEmbeds,
+        guidance_scale: float,
+        uncond: PromptEmbeds | None,
+    ) -> torch.Tensor:
+        """`velocity` after its checks; ``sigma`` is float32 (N,)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Images (N, 3, H, W) float32 in [0, 1] from latents (N, C, h, w), ``batch_size`` per VAE call."""
+        batch_size = batch_size or self.decode_batch_size
+        config = self.vae.config
+        shift = config.shift_factor or 0.0
+        images = []
+        for chunk in latents.split(batch_size):
+            x = chunk.to(device=self.vae.device, dtype=self.vae.dtype) / config.scaling_factor + shift
+            decoded = self.vae.decode(x, return_dict=False)[0]
+            images.append(self.pipe.image_processor.postprocess(decoded, output_type="pt").float())
+        return torch.cat(images)
+
+
+class SD3Model(FlowModel):
+    """Stable Diffusion 3 / 3.5 (`StableDiffusion3Pipeline`): CLIP-L + CLIP-G (+ T5) and an MMDiT.
+
+    Classifier-free guidance batches the unconditional (empty prompt unless ``uncond`` is
+    given) and conditional rows into one transformer call: ``v = v_u + g·(v_c - v_u)``.
+    """
+
+    family = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
+    default_max_sequence_length = 256
+
+    @property
+    def _patch(self) -> int:
+        return self.transformer.config.patch_size
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return PromptEmbeds(embeds, pooled)
+
+    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
+        guided = guidance_scale > 1.0
+        if guided:
+            uncond = uncond if uncond is not None else self.negative(len(cond))
+            cond = PromptEmbeds.cat([uncond.to(latents.device), cond])
+            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+        cond = cond.to(self.dtype)
+        out = transformer(
+            hidden_states=latents.to(self.dtype),
+            timestep=sigma * self.pipe.scheduler.config.num_train_timesteps,
+            encoder_hidden_states=cond.prompt_embeds,
+            pooled_projections=cond.pooled,
+            return_dict=False,
+        )[0].float()
+        if not guided:
+            return out
+        v_uncond, v_cond = out.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+class FluxModel(FlowModel):
+    """FLUX.1 (`FluxPipeline`): CLIP-L pooled + T5 tokens, guidance-distilled transformer.
+
+    ``guidance_scale`` goes to the transformer's guidance embedding (FLUX.1-dev); there is no
+    unconditional branch, so ``uncond`` must be None. Latents are packed into 2x2 patches
+    inside `velocity`.
+    """
+
+    family = "flux"
+    pipeline_class = FluxPipeline
+    default_max_sequence_length = 512
+    _patch = 2
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return PromptEmbeds(embeds, pooled)
+
+    def _base_sigmas(self, num_steps: int) -> list[float]:
+        return np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+
+    @staticmethod
+    def pack(latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, h·w/4, 4C) tokens of 2x2 patches, as FLUX's transformer reads them."""
+        n, c, h, w = latents.shape
+        return FluxPipeline._pack_latents(latents, n, c, h, w)
+
+    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Inverse of `pack`: (N, h·w/4, 4C) -> (N, C, h, w)."""
+        factor = self.vae_scale_factor
+        return FluxPipeline._unpack_latents(tokens, h * factor, w * factor, factor)
+
+    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
+        if uncond is not None:
+            raise ValueError("FLUX uses its guidance embedding, not classifier-free guidance: pass uncond=None")
+        n, _, h, w = latents.shape
+        device = latents.device
+        cond = cond.to(self.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((n,), float(guidance_scale), device=device, dtype=torch.float32)
+        out = transformer(
+            hidden_states=self.pack(latents.to(self.dtype)),
+            timestep=sigma,
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.prompt_embeds,
+            txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=device, dtype=self.dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, device, self.dtype),
+            return_dict=False,
+        )[0]
+        return self.unpack(out.float(), h, w)
+
+
+PIPELINE_FAMILIES: dict[str, type[FlowModel]] = {
+    "StableDiffusion3Pipeline": SD3Model,
+    "FluxPipeline": FluxModel,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def load_flow_model(
+    pretrained_path: str | os.PathLike,
+    family: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    max_sequence_length: int | None = None,
+    offload_text_encoders: bool = False,
+    decode_batch_size: int = 16,
+    local_files_only: bool = False,
+) -> FlowModel:
+    """Load an SD3 or FLUX pipeline from a local folder or a hub id as a frozen `FlowModel`.
+
+    ``pretrained_path``: a folder written by ``save_pretrained`` (with model_index.json), or
+    a hub id such as ``stabilityai/stable-diffusion-3.5-medium`` / ``black-forest-labs/FLUX.1-dev``
+    (downloaded once into the Hugging Face cache). ``family``: "auto" (from model_index.json),
+    "sd3" or "flux". ``dtype``: of every component. ``local_files_only``: never use the
+    network (hub ids must then be cached). The remaining arguments go to `FlowModel`.
+    Components missing from the folder (no T5, no image encoder) are loaded as None.
+    """
+    families = {cls.family for cls in PIPELINE_FAMILIES.values()}
+    if family != "auto" and family not in families:
+        raise ModelLoadError(f"unknown model family {family!r}; use 'auto', {', '.join(map(repr, sorted(families)))}")
+    folder = _resolve_folder(str(pretrained_path), local_files_only)
+    model_class = _model_class(folder, family)
+    pipeline_class = model_class.pipeline_class
+    index = json.loads((folder / "model_index.json").read_text())
+    absent = {name: None for name in _component_names(pipeline_class) if _is_absent(index.get(name))}
+    try:
+        pipe = pipeline_class.from_pretrained(folder, dtype=dtype, **absent)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load the pipeline in {folder}: {error}") from error
+    if device is not None:
+        pipe.to(device)
+    return model_class(
+        pipe,
+        max_sequence_length=max_sequence_length,
+        offload_text_encoders=offload_text_encoders,
+        decode_batch_size=decode_batch_size,
+    )
+
+
+def _resolve_folder(path: str, local_files_only: bool) -> Path:
+    """The local folder of ``path``: itself if it exists, else the hub snapshot of the id."""
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise ModelLoadError(f"model path {path} is a file; pass the pipeline folder (with model_index.json)")
+        return folder
+    if not _HUB_ID.match(path):
+        raise ModelLoadError(f"model path {path} does not exist (and is not a hub id like owner/name)")
+    try:
+        return Path(DiffusionPipeline.download(path, local_files_only=local_files_only))
+    except Exception as error:  # the hub raises OSError, HTTP and connection errors alike
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(
+            f"could not download {path!r} from the Hugging Face hub ({reason}); check the id, your access "
+            f"(gated models need `hf auth login`), your network or HF_HUB_OFFLINE, or pass a local folder"
+        ) from error
+
+
+def _model_class(folder: Path, family: str) -> type[FlowModel]:
+    """The `FlowModel` subclass for the pipeline in ``folder``, checked against ``family``."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        class_name = json.loads(index_file.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ModelLoadError(f"{index_file} is not a valid model index: {error}") from error
+    if class_name not in PIPELINE_FAMILIES:
+        raise ModelLoadError(
+            f"unsupported pipeline class {class_name!r} in {index_file}; supported: {', '.join(PIPELINE_FAMILIES)}"
+        )
+    model_class = PIPELINE_FAMILIES[class_name]
+    if family not in ("auto", model_class.family):
+        raise ModelLoadError(f"{folder} holds a {class_name} ({model_class.family}), but family={family!r} was asked")
+    return model_class
+
+
+def _component_names(pipeline_class: type[DiffusionPipeline]) -> list[str]:
+    """Names of the components ``pipeline_class.__init__`` takes."""
+    return [name for name in inspect.signature(pipeline_class.__init__).parameters if name != "self"]
+
+
+def _is_absent(entry: object) -> bool:
+    """True for a model_index.json entry of a component that was saved as None (or is missing)."""
+    return entry is None or (isinstance(entry, list) and all(part is None for part in entry))
+
+
+def _pair(resolution: Resolution) -> tuple[int, int]:
+    """(H, W) from an int or a pair."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    height, width = resolution
+    return int(height), int(width)

@@ -1,0 +1,237 @@
+"""A GenEval-style reward for the synthetic shapes world, computed from pixels.
+
+Detection (vectorised over the batch except for the connected-component pass):
+
+1. Colour: a pixel is "coloured" when its chroma (max - min channel) is at least
+   ``chroma_threshold``; its colour is the palette colour of nearest hue. The palette's hues are
+   60 degrees apart and the background is grey, and blending a colour with grey keeps its hue,
+   so blurred edges do not turn into other colours.
+2. Objects: 8-connected components of each colour (one `scipy.ndimage.label` call for the whole
+   batch), smaller than ``min_area`` of the image dropped.
+3. Shape, from the fill ratio of the bounding box (square ~1, circle ~pi/4, upright triangle ~1/2),
+   how far the mass sits below the box centre (a triangle's centroid is low) and how much of the
+   box's corners is filled (square ~1, triangle ~1/2, circle ~0).
+
+Checks of a GenEval record (`tpgrpo.tiny.scenes`), each in [0, 1], for include entry i
+(class c, count n, optional colour k, optional position) and each exclude entry:
+
+- count: min(#c, n) / n; for an exclude entry (class, count m, optional colour), 1 when fewer
+  than m such objects are found, else (m - 1) / found.
+- color (entries with a colour): min(#k, n) / n, objects of colour k whatever their shape.
+- binding (entries with a colour): min(#(c and k), n) / n.
+- position: the fraction of (object, target object) pairs in the relation, GenEval's rule on
+  bounding-box centres (offset beyond 0.1 of the summed sizes, within 60 degrees of the axis).
+
+``"shapes"`` is the mean of a record's checks (a dense score); ``"shapes/strict"`` is 1 when all
+of them pass (GenEval's correctness). ``"shapes/<check>"`` is the mean of that kind of check,
+NaN for records without one (use nanmean to aggregate).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from tpgrpo.rewards.base import Reward, register_reward
+from tpgrpo.tiny.scenes import COLORS, SHAPES, validate_record
+
+CHECKS: tuple[str, ...] = ("count", "color", "binding", "position")
+RELATION_THRESHOLD = 0.1  # GenEval's POSITION_THRESHOLD
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: its class, colour, bounding-box centre (y, x) and size (h, w), pixels."""
+
+    shape: str
+    color: str
+    cy: float
+    cx: float
+    h: float
+    w: float
+    area: int
+
+
+def hue(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hue in degrees [0, 360), chroma) of RGB values, channel dim 1: (B, 3, ...) -> 2 x (B, ...)."""
+    r, g, b = rgb.unbind(1)
+    high, low = rgb.max(1).values, rgb.min(1).values
+    chroma = high - low
+    safe = chroma.clamp_min(1e-6)
+    sector = torch.where(
+        high == r, ((g - b) / safe) % 6, torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4)
+    )
+    return sector * 60.0, chroma
+
+
+def _hue_table() -> torch.Tensor:
+    """Palette index (COLORS order) of the nearest palette hue for each whole degree: (360,)."""
+    rgb = torch.tensor(list(COLORS.values()), dtype=torch.float32).T[None] / 255.0  # (1, 3, K)
+    palette = hue(rgb)[0][0]
+    gap = (torch.arange(360.0)[:, None] - palette[None]).abs()
+    return torch.minimum(gap, 360.0 - gap).argmin(1)
+
+
+def color_map(images: torch.Tensor, chroma_threshold: float) -> torch.Tensor:
+    """Palette index of each pixel, -1 for background: (B, 3, H, W) in [0, 1] -> long (B, H, W)."""
+    h, chroma = hue(images.float())
+    nearest = _hue_table()[h.long().clamp(0, 359)]
+    return torch.where(chroma >= chroma_threshold, nearest, -1)
+
+
+def _corner_region(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Whether box coordinates (u, v) in [0, 1] lie near a corner (L1 distance < 0.3)."""
+    return np.minimum(u, 1 - u) + np.minimum(v, 1 - v) < 0.3
+
+
+def components(images: torch.Tensor, chroma_threshold: float = 0.3) -> dict[str, np.ndarray]:
+    """Connected same-colour components of a batch and their features, each an (N,) array.
+
+    Keys: ``image`` and ``color`` (indices), box ``y0, x0, h, w`` and ``area`` in pixels,
+    ``fill`` (area / box area), ``drop`` (centroid below the box centre, in box heights) and
+    ``corners`` (filled fraction of the box's four corner regions).
+    """
+    b, _, height, width = images.shape
+    colors = color_map(images, chroma_threshold).cpu().numpy()
+    k = len(COLORS)
+    planes = colors[:, None] == np.arange(k)[None, :, None, None]  # (B, K, H, W)
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 8-connected within a plane, never across planes
+    labels, n = ndimage.label(planes.reshape(b * k, height, width), structure=structure)
+    if n == 0:
+        return {key: np.zeros(0) for key in ("image", "color", "y0", "x0", "h", "w", "area", "fill", "drop", "corners")}
+    boxes = np.array([[s.start for s in box] + [s.stop for s in box] for box in ndimage.find_objects(labels)])
+    plane, y0, x0 = boxes[:, :3].T
+    h, w = boxes[:, 4] - y0, boxes[:, 5] - x0
+    where = np.flatnonzero(labels)
+    lab = labels.ravel()[where] - 1
+    _, y, x = np.unravel_index(where, labels.shape)
+    area = np.bincount(lab, minlength=n)
+    u, v = (y + 0.5 - y0[lab]) / h[lab], (x + 0.5 - x0[lab]) / w[lab]
+    grid = [(np.arange(size) + 0.5) / size for size in range(max(h.max(), w.max()) + 1)]
+    box_corners = np.array([_corner_region(grid[hh][:, None], grid[ww][None, :]).sum() for hh, ww in zip(h, w)])
+    return {
+        "image": plane // k, "color": plane % k, "y0": y0, "x0": x0, "h": h, "w": w, "area": area,
+        "fill": area / (h * w),
+        "drop": np.bincount(lab, weights=u, minlength=n) / area - 0.5,
+        "corners": np.bincount(lab, weights=_corner_region(u, v), minlength=n) / np.maximum(box_corners, 1),
+    }
+
+
+def classify_shapes(
+    features: Mapping[str, np.ndarray], triangle_fill: float, triangle_drop: float, square_corners: float
+) -> np.ndarray:
+    """Shape index (into SHAPES) of each component, from `components` features -> (N,) ints.
+
+    A triangle fills about half its box and its mass sits low (drop ~1/6); a square fills its
+    box's corners (~1, less once blurred), a circle leaves them empty (~0).
+    """
+    triangle = (features["fill"] < triangle_fill) | (features["drop"] > triangle_drop)
+    square = features["corners"] >= square_corners
+    return np.where(triangle, SHAPES.index("triangle"), np.where(square, SHAPES.index("square"), SHAPES.index("circle")))
+
+
+def detect(
+    images: torch.Tensor,
+    chroma_threshold: float = 0.3,
+    min_area: float = 0.01,
+    triangle_fill: float = 0.62,
+    triangle_drop: float = 0.08,
+    square_corners: float = 0.6,
+) -> list[list[Detection]]:
+    """Objects in each image: (B, 3, H, W) float in [0, 1] -> B lists of `Detection`.
+
+    ``min_area`` is a fraction of H * W; see `classify_shapes` for the shape thresholds.
+    """
+    b, _, height, width = images.shape
+    f = components(images, chroma_threshold)
+    shape = classify_shapes(f, triangle_fill, triangle_drop, square_corners)
+    color_names = list(COLORS)
+    out: list[list[Detection]] = [[] for _ in range(b)]
+    for i in np.flatnonzero(f["area"] >= min_area * height * width):
+        out[f["image"][i]].append(
+            Detection(
+                SHAPES[shape[i]], color_names[f["color"][i]], f["y0"][i] + (f["h"][i] - 1) / 2,
+                f["x0"][i] + (f["w"][i] - 1) / 2, float(f["h"][i]), float(f["w"][i]), int(f["area"][i]),
+            )
+        )
+    return out
+
+
+def relation_holds(relation: str, obj: Detection, target: Detection) -> bool:
+    """GenEval's relative position: is ``obj`` ``relation`` ``target``?"""
+    offset = np.array([obj.cx - target.cx, obj.cy - target.cy])
+    size = np.array([obj.w + target.w, obj.h + target.h])
+    revised = np.maximum(np.abs(offset) - RELATION_THRESHOLD * size, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return False
+    dx, dy = revised / np.linalg.norm(offset)
+    return {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}[relation]
+
+
+def _matches(objects: Sequence[Detection], entry: Mapping, color: bool = True) -> list[Detection]:
+    """Objects of the entry's class (and colour, if it has one and ``color``), largest first."""
+    found = [o for o in objects if o.shape == entry["class"] and (not color or o.color == entry.get("color", o.color))]
+    return sorted(found, key=lambda o: -o.area)
+
+
+def check_record(objects: Sequence[Detection], record: Mapping) -> dict[str, list[float]]:
+    """The record's checks on one image's detections: {check name: list of values in [0, 1]}."""
+    include = validate_record(record)["include"]
+    checks: dict[str, list[float]] = {name: [] for name in CHECKS}
+    for entry in include:
+        n = entry["count"]
+        checks["count"].append(min(len(_matches(objects, entry, color=False)), n) / n)
+        if "color" in entry:
+            checks["color"].append(min(sum(o.color == entry["color"] for o in objects), n) / n)
+            checks["binding"].append(min(len(_matches(objects, entry)), n) / n)
+        if "position" in entry:
+            relation, target = entry["position"]
+            mine = _matches(objects, entry)[:n]
+            theirs = _matches(objects, include[target])[: include[target]["count"]]
+            pairs = [relation_holds(relation, a, t) for a in mine for t in theirs]
+            checks["position"].append(float(np.mean(pairs)) if pairs else 0.0)
+    for entry in record.get("exclude", []):
+        found = len(_matches(objects, entry))
+        limit = entry["count"]
+        checks["count"].append(1.0 if found < limit else (limit - 1) / found)
+    return checks
+
+
+@register_reward("shapes")
+class ShapesReward(Reward):
+    """GenEval-style checks of the shapes world from pixels (see the module docstring)."""
+
+    def __init__(
+        self,
+        chroma_threshold: float = 0.3,
+        min_area: float = 0.01,
+        triangle_fill: float = 0.62,
+        triangle_drop: float = 0.08,
+        square_corners: float = 0.6,
+    ):
+        super().__init__()
+        if not 0 < chroma_threshold < 1 or not 0 <= min_area < 1:
+            raise ValueError("need 0 < chroma_threshold < 1 and 0 <= min_area < 1")
+        self.options = dict(
+            chroma_threshold=chroma_threshold, min_area=min_area, triangle_fill=triangle_fill,
+            triangle_drop=triangle_drop, square_corners=square_corners,
+        )
+
+    def score(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]
+    ) -> dict[str, torch.Tensor]:
+        """{"shapes": dense (B,), "shapes/strict": (B,), "shapes/<check>": (B,)} for images (B, 3, H, W)."""
+        detections = detect(images.detach(), **self.options)
+        rows = [check_record(objects, record) for objects, record in zip(detections, metadata)]
+        values = [[v for vs in row.values() for v in vs] for row in rows]
+        out = {
+            "shapes": [float(np.mean(v)) for v in values],
+            "shapes/strict": [float(all(x == 1.0 for x in v)) for v in values],
+            **{f"shapes/{c}": [float(np.mean(row[c])) if row[c] else math.nan for row in rows] for c in CHECKS},
+        }
+        return {key: torch.tensor(v, dtype=torch.float32, device=images.device) for key, v in out.items()}

@@ -1,0 +1,10 @@
+"""Command-line entry point: ``python train.py fit|validate|test|predict --config configs/<name>.yaml``.
+
+Every setting of the model (`tpgrpo.module.TPGRPOModule`), the data
+(`tpgrpo.data.PromptDataModule`) and the Lightning Trainer is a config value; ``--print_config``
+shows them all and any can be overridden on the command line (``--model.credit outcome``).
+"""
+from tpgrpo.cli import main
+
+if __name__ == "__main__":
+    main()
