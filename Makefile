@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install bench clean
+.PHONY: demo test test-all install install-ocr bench clean
 
 $(STAMP): setup.cfg
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): setup.cfg
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Tesseract for the `ocr` reward: the system package (as root, else through sudo) and pytesseract.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+install-ocr: $(STAMP)
+	$(SUDO) apt-get install -y tesseract-ocr
+	$(BIN)/pip install -q -e ".[ocr]"
 
 demo: $(STAMP)
 	$(BIN)/python -m tpgrpo.demo --config configs/tiny.yaml

@@ -146,8 +146,8 @@ def test_fast_on_a_batch_of_500(random_records):
     images = to_images(scenes.render_batch(records, np.random.default_rng(0)))
     reward = ShapesReward()
     prompts = [r["prompt"] for r in records]
-    best = min(_timed(reward, images, prompts, records) for _ in range(2))
-    assert best < 1.0  # ~0.1 s on one idle core; generous for shared machines
+    best = min(_timed(reward, images, prompts, records) for _ in range(3))
+    assert best < 2.0  # ~0.1 s on one idle core; generous for busy shared machines
 
 
 def _timed(reward, images, prompts, records):

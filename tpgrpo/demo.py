@@ -24,8 +24,9 @@ from tpgrpo.images import image_grid, save_image
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean of a 1-D tensor."""
+    """Mean and standard error of the mean of a 1-D tensor, ignoring NaN (checks that do not apply)."""
     values = values.double()
+    values = values[~values.isnan()]
     if values.numel() < 2:
         return float(values.mean()), float("nan")
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
@@ -56,7 +57,7 @@ def run(argv: list[str]) -> dict:
     cli = build_cli(rest, run=False)
     datamodule = cli.datamodule
     datamodule.setup("validate")
-    showcase_prompts = [record["prompt"] for record in datamodule.val_records[:8]]
+    showcase_prompts = list(datamodule.prompt_sets["validate"].prompts[:8])
     showcase_seeds = torch.zeros(len(showcase_prompts), dtype=torch.long)
 
     started = time.perf_counter()

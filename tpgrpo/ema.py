@@ -35,14 +35,26 @@ class LoRAEMA(Callback):
         else:
             self.shadow = [s.to(p.device) for s, p in zip(self.shadow, params)]
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        self._step_before_batch = trainer.global_step
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        """Update once per multiple of ``every`` optimizer steps the batch crossed.
+
+        A batch takes several optimizer steps (``optimizer_steps_per_batch``), so ``global_step``
+        may jump over a multiple of ``every``; ``k`` updates crossed in one batch all see the same
+        weights, i.e. one update with ``decay ** k``.
+        """
         step = trainer.global_step
-        if step == self._last_step or step % self.every:
+        before = max(getattr(self, "_step_before_batch", step - 1), self._last_step, 0)
+        crossed = step // self.every - before // self.every
+        if crossed <= 0:
             return
         self._last_step = step
+        weight = 1.0 - self.decay**crossed
         with torch.no_grad():
             for shadow, param in zip(self.shadow, self._params(pl_module)):
-                shadow.lerp_(param.detach().float(), 1.0 - self.decay)
+                shadow.lerp_(param.detach().float(), weight)
 
     @contextmanager
     def swapped_in(self, pl_module: LightningModule):

@@ -24,10 +24,14 @@ def image_grid(images: torch.Tensor, columns: int | None = None, padding: int = 
     return grid
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 array on the CPU (rounded, as Flow-GRPO)."""
+    return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
 def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
     """(3, H, W) in [0, 1] -> PIL image, optionally enlarged ``scale`` times (nearest neighbour)."""
-    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    picture = Image.fromarray(array)
+    picture = Image.fromarray(to_uint8(image[None])[0])
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     return picture

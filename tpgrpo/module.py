@@ -73,6 +73,7 @@ class TPGRPOModule(LightningModule):
         optimizer_steps_per_batch: optimizer steps over one rollout batch (its samples split evenly).
         train_micro_batch: samples per forward/backward during the update (None: a whole part).
         rollout_max_batch: most latents per transformer call during rollouts (None: no limit).
+        decode_batch_size: most latents per VAE decode call.
         learning_rate, adam_betas, weight_decay, adam_eps: AdamW settings.
         warmup_steps: linear learning-rate warm-up in optimizer steps (0: constant).
         max_grad_norm: gradient-norm clip.
@@ -115,6 +116,7 @@ class TPGRPOModule(LightningModule):
         optimizer_steps_per_batch: int = 2,
         train_micro_batch: int | None = None,
         rollout_max_batch: int | None = None,
+        decode_batch_size: int = 16,
         learning_rate: float = 3e-4,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 1e-4,
@@ -140,7 +142,7 @@ class TPGRPOModule(LightningModule):
         self.skipped_steps = 0
         self._validate()
         self.flow: FlowModel = load_flow_model(
-            pretrained_path, family=family, max_sequence_length=max_sequence_length
+            pretrained_path, family=family, max_sequence_length=max_sequence_length, decode_batch_size=decode_batch_size
         )
         self.transformer = self.flow.transformer
         add_lora(self.transformer, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets, family=self.flow.family)
@@ -195,8 +197,16 @@ class TPGRPOModule(LightningModule):
 
     # ------------------------------------------------------------------------------ model pieces
     def _conditioning(self, prompts: Sequence[str]) -> PromptEmbeds:
-        """Text embeddings (N rows) of each image's prompt; `FlowModel.encode` encodes each prompt once."""
-        return self.flow.encode(list(prompts))
+        """Text embeddings (N rows) of each image's prompt; `FlowModel.encode` encodes each prompt once.
+
+        A prompt longer than a text encoder reads is truncated, with one warning per run.
+        """
+        if getattr(self, "_prompt_length_check", None) is None:
+            from tpgrpo.prompt_length import PromptLengthCheck
+
+            self._prompt_length_check = PromptLengthCheck(self.flow.pipe, self.flow.max_sequence_length)
+        with self._prompt_length_check(prompts):
+            return self.flow.encode(list(prompts))
 
     def _velocity_fn(self, cond: PromptEmbeds, guidance: float):
         """The rollout's ``velocity_fn(latents, sigma, rows)`` for the current policy (CFG inside)."""
@@ -398,7 +408,7 @@ class TPGRPOModule(LightningModule):
         }
         for key, value in collected["scores"].items():
             if key != "reward":
-                metrics[f"train/{key}"] = value[:, -1].float().mean()
+                metrics[f"train/{key}"] = value[:, -1].float().nanmean()
         metrics.update({f"train/{k}": torch.tensor(v) for k, v in update.items()})
         if h.credit == "tp":
             raw = credit_rules.raw_turning_points(sequence)
@@ -448,7 +458,9 @@ class TPGRPOModule(LightningModule):
         images = self.sample(batch["prompts"], batch["seeds"])
         scores = self.reward(images, list(batch["prompts"]), list(batch["metadata"]))
         for key, value in scores.items():
-            self.log(f"{stage}/{key}", value.mean(), batch_size=value.numel(), sync_dist=True)
+            applicable = value[~value.isnan()]  # NaN marks a check that does not apply to a prompt
+            if applicable.numel():
+                self.log(f"{stage}/{key}", applicable.mean(), batch_size=applicable.numel(), sync_dist=True)
         self._eval_outputs.append({k: v.cpu() for k, v in scores.items()})
         if not self._eval_images:
             self._eval_images = (images[:16].cpu(), scores["reward"][:16].cpu(), list(batch["prompts"][:16]))
@@ -508,3 +520,33 @@ class TPGRPOModule(LightningModule):
         """Keep only trainable (LoRA) weights: the frozen base comes from ``pretrained_path``."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        from tpgrpo.rng import rng_states
+
+        # counters that are logged, and the global RNGs (rollouts use their own seeded generators)
+        checkpoint["tpgrpo"] = {
+            "skipped_steps": self.skipped_steps,
+            "bad_steps": self.bad_steps,
+            "rng_states": rng_states(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint's LoRA fits this model (loading is not strict), restore counters and RNGs."""
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        saved = checkpoint.get("state_dict", {})
+        missing = sorted(set(own) - set(saved))
+        wrong = [(k, tuple(saved[k].shape), tuple(p.shape)) for k, p in own.items() if k in saved and saved[k].shape != p.shape]
+        if missing or wrong:
+            detail = f"{len(missing)} LoRA weights missing (e.g. {missing[0]})" if missing else (
+                f"{wrong[0][0]} has shape {wrong[0][1]}, the model {wrong[0][2]}"
+            )
+            raise UserInputError(
+                f"the checkpoint does not fit this model: {detail}; use the model settings it was trained "
+                "with (lora_rank, lora_targets, pretrained_path)"
+            )
+        from tpgrpo.rng import set_rng_states
+
+        state = checkpoint.get("tpgrpo", {})
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.bad_steps = state.get("bad_steps", 0)
+        if "rng_states" in state:
+            set_rng_states(state["rng_states"])

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from tpgrpo.errors import UserInputError
+
 REWARDS: dict[str, type["Reward"]] = {}
 
 
@@ -30,6 +32,10 @@ def register_reward(name: str) -> Callable[[type["Reward"]], type["Reward"]]:
         return cls
 
     return add
+
+
+class RewardConfigError(UserInputError):
+    """A reward's option is wrong or what it names (a model, a file, a program) is missing."""
 
 
 class Reward(torch.nn.Module):

@@ -4,18 +4,17 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
+from tpgrpo.images import to_uint8
 from tpgrpo.rewards.base import Reward, register_reward
 
 
 def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """Size in kB of each (3, H, W) image in [0, 1] saved as JPEG: (B, 3, H, W) -> (B,)."""
-    arrays = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     sizes = []
-    for array in arrays:
+    for array in to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000.0)

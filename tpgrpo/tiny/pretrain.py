@@ -13,7 +13,9 @@ Stages, all within the ``--minutes`` wall-clock budget:
    warm-up and a cosine decay over the remaining wall-clock time, an EMA of the weights.
 
 Scenes come from every record of `tpgrpo.tiny.scenes` except the held-out test prompts, and the
-pipeline is saved with ``save_pretrained`` in half precision with the EMA transformer weights.
+pipeline is saved with ``save_pretrained`` in half precision with the EMA transformer weights,
+plus ``pretrain.json`` (arguments and training statistics). One thread is the default: on a
+2-core machine shared with other work, two OpenMP threads stall each other (measured 3x slower).
 """
 from __future__ import annotations
 

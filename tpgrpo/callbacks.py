@@ -1,0 +1,204 @@
+"""Checkpointing and LoRA export callbacks.
+
+`AtomicCheckpoint`: a `ModelCheckpoint` whose files are written next to their final name and
+moved into place with ``os.replace``, so a crash (kill -9, preemption, full disk) while saving
+leaves the previous checkpoint intact. It also fixes two things of the stock callback for this
+project's manual optimisation, where one training batch takes several optimizer steps:
+``every_n_train_steps`` saves whenever a batch crosses a multiple of N optimizer steps (the stock
+callback saves only when ``global_step % N == 0`` after a batch, which a step of 2 may jump
+over), and ``--ckpt_path last`` finds the newest ``last.ckpt`` of every version of the experiment
+(the stock callback looks only in the folder of the *new* run's logger version, which holds none,
+and silently starts from scratch).
+
+`LoRAExport`: writes the LoRA (EMA weights when the `tpgrpo.ema.LoRAEMA` callback is present) in
+the diffusers format to ``<log_dir>/lora`` at the end of `fit` and, optionally, every N steps.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from tpgrpo.ema import LoRAEMA
+from tpgrpo.lora import save_lora
+
+TMP_SUFFIX = ".tmp"
+
+
+def _fsync_dir(directory: str | Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every OS or filesystem allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace(source: str, target: str) -> None:
+    """Move the finished ``source`` (file or folder) onto ``target`` atomically where possible."""
+    if os.path.isdir(source):  # sharded checkpoints are folders: os.replace cannot overwrite a folder
+        old = target + ".old"
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        if os.path.lexists(target):
+            os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        with open(source, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(source, target)
+    _fsync_dir(os.path.dirname(os.path.abspath(target)))
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` with crash-safe writes and step counting that fits several optimizer steps per batch.
+
+    Takes the arguments of `lightning.pytorch.callbacks.ModelCheckpoint`. What a checkpoint holds
+    is decided by the module (`TPGRPOModule.on_save_checkpoint`: the LoRA weights and training
+    state, never the frozen base model).
+    """
+
+    _step_before_batch: int = 0
+
+    # ------------------------------------------------------------------------ atomic writes
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if not isinstance(self._fs, LocalFileSystem):  # remote stores: fsspec's own transaction
+            return super()._save_checkpoint(trainer, filepath)
+        temporary = filepath + TMP_SUFFIX
+        trainer.save_checkpoint(temporary, self.save_weights_only)
+        if trainer.is_global_zero and os.path.lexists(temporary):
+            _replace(temporary, filepath)
+        trainer.strategy.barrier("AtomicCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            from weakref import proxy
+
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    # ------------------------------------------------------- every_n_train_steps, manual optimisation
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if pl_module.automatic_optimization:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self._every_n_train_steps
+        due = every >= 1 and trainer.global_step // every > self._step_before_batch // every
+        interval = self._train_time_interval
+        if interval is not None:
+            now = time.monotonic()
+            last = self._last_time_checked
+            time_due = trainer.strategy.broadcast(last is not None and now - last >= interval.total_seconds())
+            if time_due or last is None:
+                self._last_time_checked = now
+            due = due or time_due
+        if not due or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    # ------------------------------------------------------------------- --ckpt_path last
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._follows_logger = getattr(self, "_follows_logger", self.dirpath is None)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """``last*.ckpt`` of this callback's folder and, if that follows the logger's version, of every version."""
+        found = super()._find_last_checkpoints(trainer)
+        follows_logger = getattr(self, "_follows_logger", self.dirpath is None)
+        if not follows_logger or not trainer.loggers or not isinstance(self._fs, LocalFileSystem):
+            return found
+        logger = trainer.loggers[0]
+        root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name or "")
+        pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-(\d+))?$")
+        if root.is_dir():
+            for path in root.glob(f"*/checkpoints/*{self.FILE_EXTENSION}"):
+                if pattern.match(path.stem) and path.is_file():
+                    found.add(os.path.normpath(path))
+        return found
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if getattr(self, "_follows_logger", self.dirpath is None) and state_dict.get("dirpath") != self.dirpath:
+            # resumed into a new logger version: the old folder's bookkeeping does not apply (no warning)
+            self.best_model_path = state_dict["best_model_path"]
+            return
+        super().load_state_dict(state_dict)
+
+
+class LoRAExport(Callback):
+    """Write the LoRA in the diffusers format (``pipe.load_lora_weights(dir)`` reads it).
+
+    Args:
+        dirname: folder under the trainer's ``log_dir`` (an absolute path is used as is).
+        every_n_train_steps: also export whenever training crosses a multiple of this many
+            optimizer steps (0: only at the end of `fit`). Each export replaces the previous one.
+        use_ema: export the EMA weights when a `tpgrpo.ema.LoRAEMA` callback is present.
+    """
+
+    def __init__(self, dirname: str = "lora", every_n_train_steps: int = 0, use_ema: bool = True):
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        self.dirname = dirname
+        self.every_n_train_steps = every_n_train_steps
+        self.use_ema = use_ema
+        self.last_export: Path | None = None
+        self._step_before_batch = 0
+
+    def directory(self, trainer: Trainer) -> Path:
+        path = Path(self.dirname)
+        if path.is_absolute():
+            return path
+        return Path(trainer.log_dir or trainer.default_root_dir) / path
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        every = self.every_n_train_steps
+        if every and trainer.global_step // every > self._step_before_batch // every:
+            self.export(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step > 0:
+            self.export(trainer, pl_module)
+
+    def export(self, trainer: Trainer, pl_module: LightningModule) -> Path:
+        """Write the LoRA (rank 0 only) and return the folder."""
+        target = self.directory(trainer)
+        if trainer.is_global_zero:
+            ema = next((c for c in trainer.callbacks if isinstance(c, LoRAEMA)), None) if self.use_ema else None
+            weights = ema.swapped_in(pl_module) if ema is not None else nullcontext()
+            staging = target.with_name(target.name + TMP_SUFFIX)
+            if staging.exists():
+                shutil.rmtree(staging)
+            with weights:
+                save_lora(pl_module.transformer, staging, pipeline_class=pl_module.flow.pipeline_class)
+            _replace(str(staging), str(target))
+            rank_zero_info(
+                f"LoRA{' (EMA)' if ema is not None else ''} at step {trainer.global_step} written to {target}"
+            )
+        self.last_export = target
+        return target
