@@ -2,13 +2,16 @@
 
 `AtomicCheckpoint`: a `ModelCheckpoint` whose files are written next to their final name and
 moved into place with ``os.replace``, so a crash (kill -9, preemption, full disk) while saving
-leaves the previous checkpoint intact. It also fixes two things of the stock callback for this
-project's manual optimisation, where one training batch takes several optimizer steps:
-``every_n_train_steps`` saves whenever a batch crosses a multiple of N optimizer steps (the stock
-callback saves only when ``global_step % N == 0`` after a batch, which a step of 2 may jump
-over), and ``--ckpt_path last`` finds the newest ``last.ckpt`` of every version of the experiment
-(the stock callback looks only in the folder of the *new* run's logger version, which holds none,
-and silently starts from scratch).
+leaves the previous checkpoint intact. It also fixes what the stock callback gets wrong for this
+project (manual optimisation, several optimizer steps per training batch):
+
+- ``every_n_train_steps`` saves whenever a batch crosses a multiple of N optimizer steps (the
+  stock callback saves only when ``global_step % N == 0`` after a batch, which steps of 2 jump over);
+- ``--ckpt_path last`` finds the newest ``last.ckpt`` of every version of the experiment (the
+  stock callback looks only in the folder of the *new* run's logger version, which holds none,
+  and silently starts from scratch);
+- a save due at a batch that validation follows is made after that validation, and the loggers
+  are flushed first, so a run resumed from any checkpoint logs exactly what an uninterrupted run logs.
 
 `LoRAExport`: writes the LoRA (EMA weights when the `tpgrpo.ema.LoRAEMA` callback is present) in
 the diffusers format to ``<log_dir>/lora`` at the end of `fit` and, optionally, every N steps.
@@ -79,6 +82,8 @@ class AtomicCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         if not isinstance(self._fs, LocalFileSystem):  # remote stores: fsspec's own transaction
             return super()._save_checkpoint(trainer, filepath)
+        for logger in trainer.loggers:  # what was logged up to this checkpoint is on disk too (no-op off rank 0)
+            logger.save()
         temporary = filepath + TMP_SUFFIX
         trainer.save_checkpoint(temporary, self.save_weights_only)
         if trainer.is_global_zero and os.path.lexists(temporary):
@@ -114,11 +119,26 @@ class AtomicCheckpoint(ModelCheckpoint):
         if not due or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
-        if self.monitor is not None and self.monitor not in candidates:
-            self._defer_save_until_validation = True
+        if (self.monitor is not None and self.monitor not in candidates) or self._validation_follows(trainer):
+            self._defer_save_until_validation = True  # saved in on_validation_end
             return
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def _validation_follows(self, trainer: Trainer) -> bool:
+        """Whether validation runs right after this batch (and `on_validation_end` then saves).
+
+        Saving after it keeps validation metrics exact on resume: Lightning does not repeat the
+        validation that follows a batch whose end-of-batch checkpoint it resumes from, so a run
+        killed during that validation would never log it.
+        """
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is None or not trainer.enable_validation or self._should_save_on_train_epoch_end(trainer):
+            return False
+        try:
+            return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
+        except Exception:  # a Lightning version without this helper: save now
+            return False
 
     # ------------------------------------------------------------------- --ckpt_path last
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -1,9 +1,16 @@
 """The LightningCLI of the project; `train.py` and `tpgrpo.demo` are thin wrappers around it."""
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+from jsonargparse import ArgumentError
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from tpgrpo.data import PromptDataModule
@@ -15,33 +22,109 @@ BASE_CONFIG = CONFIG_DIR / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _parser_kwargs(run: bool) -> dict:
+def _parser_kwargs(run: bool, exit_on_error: bool = True) -> dict:
     """omegaconf mode (``${model.num_steps}`` interpolation) and the shared base config under every config.
 
     With subcommands (``run``) the base config belongs to each subcommand's parser, not the main one.
+    ``exit_on_error=False``: parse errors raise `jsonargparse.ArgumentError` instead of exiting.
     """
-    common = {"parser_mode": "omegaconf", "default_config_files": [str(BASE_CONFIG)]}
+    common = {"parser_mode": "omegaconf", "default_config_files": [str(BASE_CONFIG)], "exit_on_error": exit_on_error}
     if not run:
         return common
-    return {"parser_mode": "omegaconf", **{name: dict(common) for name in SUBCOMMANDS}}
+    return {"parser_mode": "omegaconf", "exit_on_error": exit_on_error, **{name: dict(common) for name in SUBCOMMANDS}}
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+class TPGRPOCLI(LightningCLI):
+    """LightningCLI with the checks that need both the model's and the data's settings."""
+
+    def before_fit(self) -> None:
+        check_model_and_data(self.model, self.datamodule)
+
+
+def check_model_and_data(model: TPGRPOModule, datamodule: PromptDataModule) -> None:
+    """Settings of the model that depend on the batch the data module builds."""
+    model_h, data_h = model.hparams, datamodule.hparams
+    images = data_h.prompts_per_step * data_h.group_size
+    if model_h.optimizer_steps_per_batch > images:
+        raise UserInputError(
+            f"model.optimizer_steps_per_batch ({model_h.optimizer_steps_per_batch}) is larger than the images of a "
+            f"batch (data.prompts_per_step × data.group_size = {images}): lower it or use more images per batch"
+        )
+
+
+def build_cli(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> LightningCLI:
     """Parse ``args`` (default: ``sys.argv``); with ``run`` execute the subcommand."""
-    return LightningCLI(
+    return TPGRPOCLI(
         TPGRPOModule,
         PromptDataModule,
-        parser_kwargs=_parser_kwargs(run),
+        parser_kwargs=_parser_kwargs(run, exit_on_error),
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
     )
 
 
+# ---------------------------------------------------------------------------- one-line errors
+def _config_paths(args: Sequence[str]) -> list[str]:
+    """The values of ``--config`` / ``-c`` in ``args``."""
+    paths = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            paths.append(args[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Every ``--config`` file exists and is a YAML mapping; else a `UserInputError` naming file, line and column."""
+    for value in _config_paths(args):
+        path = Path(value)
+        if not path.suffix and not path.exists():
+            continue  # not a file name (jsonargparse also accepts inline YAML)
+        if not path.is_file():
+            raise UserInputError(f"{path}: config file not found")
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserInputError(f"{path}: the config file is not UTF-8 text") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+            if context and context_mark is not None:
+                problem += f" ({context} started at line {context_mark.line + 1}, column {context_mark.column + 1})"
+            raise UserInputError(f"{path}: invalid YAML{where}: {problem}; fix the file's syntax") from None
+        if content is not None and not isinstance(content, dict):
+            raise UserInputError(f"{path}: a config file must be a mapping of settings (model:, data:, trainer:)")
+
+
+def _known_keys() -> list[str]:
+    keys = [f"{prefix}.{name}" for prefix, cls in (("model", TPGRPOModule), ("data", PromptDataModule), ("trainer", Trainer))
+            for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    return keys + ["seed_everything", "ckpt_path", "optimizer", "lr_scheduler"]
+
+
+def _one_line(message: str) -> str:
+    """A parser message on one line, with a suggestion for a misspelt key."""
+    line = re.sub(r"\s*\n\s*", " ", message.strip())
+    unknown = re.search(r"(?:does not accept option|unrecognized arguments:)\s*'?(?:--)?([\w.]+)", line, re.IGNORECASE)
+    if unknown:
+        close = difflib.get_close_matches(unknown.group(1), _known_keys(), n=1, cutoff=0.75)
+        if close:
+            line += f" (did you mean {close[0]}?)"
+    return line
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; input errors end the program with one line on stderr and exit status 2."""
     try:
-        build_cli(args)
+        check_config_files(sys.argv[1:] if args is None else args)
+        build_cli(args, exit_on_error=False)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except ArgumentError as error:
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(2)

@@ -68,9 +68,13 @@ def read_prompts(path: str | Path) -> PromptSet:
         raise PromptFileError(f"{path}: unsupported prompt file type {path.suffix!r}; use .txt or .jsonl")
     if not path.is_file():
         raise PromptFileError(f"{path}: prompt file not found")
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise PromptFileError(f"{path}: cannot read the prompt file ({error.strerror or error})") from None
     prompts: list[str] = []
     metadata: list[dict[str, Any]] = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    for number, raw in enumerate(content.splitlines(), start=1):
         try:
             line = raw.decode("utf-8").strip()
         except UnicodeDecodeError:

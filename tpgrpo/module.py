@@ -171,15 +171,35 @@ class TPGRPOModule(LightningModule):
                 f"window_range {tuple(h.window_range)} must satisfy 0 <= lo < hi <= num_steps ({h.num_steps}) "
                 f"and hold window_size ({h.window_size}) steps",
             )
-        _check(0.0 <= h.noise_level <= 1.0, f"noise_level must be in [0, 1], got {h.noise_level}")
-        _check(h.clip_range > 0, f"clip_range must be > 0, got {h.clip_range}")
-        _check(h.kl_beta >= 0, f"kl_beta must be >= 0, got {h.kl_beta}")
+        _check(
+            0.0 < h.noise_level <= 1.0,
+            f"noise_level must be in (0, 1] (0 leaves no noise, so no log-probabilities to train), got {h.noise_level}",
+        )
+        _check(0 < h.clip_range < 1, f"clip_range (PPO ε) must be in (0, 1), got {h.clip_range}")
+        _check(0 <= h.kl_beta < float("inf"), f"kl_beta must be >= 0 and finite, got {h.kl_beta}")
         _check(h.optimizer_steps_per_batch >= 1, "optimizer_steps_per_batch must be >= 1")
-        _check(h.learning_rate > 0, f"learning_rate must be > 0, got {h.learning_rate}")
+        _check(0 < h.learning_rate < float("inf"), f"learning_rate must be > 0 and finite, got {h.learning_rate}")
         _check(h.resolution > 0, f"resolution must be > 0, got {h.resolution}")
         _check(bool(self.rewards_weights), "rewards must name at least one reward, e.g. {shapes: 1.0}")
         _check(h.branch_steps is None or h.branch_steps >= 1, "branch_steps must be >= 1 or null")
         _check(h.max_bad_steps >= 0, "max_bad_steps must be >= 0")
+        _check(h.advantage_clip > 0, f"advantage_clip must be > 0, got {h.advantage_clip}")
+        _check(h.advantage_eps > 0, f"advantage_eps must be > 0 (it keeps a constant group finite), got {h.advantage_eps}")
+        _check(0 <= h.eta < float("inf"), f"eta must be >= 0 and finite, got {h.eta}")
+        _check(h.max_grad_norm > 0, f"max_grad_norm must be > 0, got {h.max_grad_norm}")
+        _check(h.warmup_steps >= 0, f"warmup_steps must be >= 0, got {h.warmup_steps}")
+        _check(all(0 <= b < 1 for b in h.adam_betas), f"adam_betas must be in [0, 1), got {tuple(h.adam_betas)}")
+        _check(h.weight_decay >= 0 and h.adam_eps > 0, "weight_decay must be >= 0 and adam_eps > 0")
+        _check(h.lora_rank >= 1, f"lora_rank must be >= 1, got {h.lora_rank}")
+        _check(h.lora_alpha > 0, f"lora_alpha must be > 0, got {h.lora_alpha}")
+        _check(
+            h.guidance_scale >= 0 and h.eval_guidance_scale >= 0,
+            f"guidance_scale and eval_guidance_scale must be >= 0 (1 disables guidance), "
+            f"got {h.guidance_scale} and {h.eval_guidance_scale}",
+        )
+        for name in ("train_micro_batch", "rollout_max_batch"):
+            _check(h[name] is None or h[name] >= 1, f"{name} must be >= 1 or null, got {h[name]}")
+        _check(h.log_images_every_n_steps >= 0, "log_images_every_n_steps must be >= 0 (0: never)")
 
     # --------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
