@@ -16,10 +16,11 @@ and images per second, and checks that their final latents agree. Cases:
   model: its NFE, and how its turning points (`tpgrpo.credit.turning_points`) agree with the
   exact ones under the shapes reward.
 
-Times are the best of ``--repeats`` runs, sequential and engine alternating. "images/s" counts
-rollout images (the B images of the group, each with its W+1 completions). Peak memory is the
-increase of the peak over the memory in use before the run: CUDA allocator peak, or on CPU the
-process's peak resident set (``VmHWM`` in /proc, reset before each run).
+Times are the best of ``--repeats`` runs, sequential and engine alternating; besides the wall
+clock the process's CPU time is recorded, which other jobs on a shared CPU disturb less.
+"images/s" counts rollout images (the B images of the group, each with its W+1 completions).
+Peak memory is the increase of the peak over the memory in use before the run: CUDA allocator
+peak, or on CPU the process's peak resident set (``VmHWM`` in /proc, reset before each run).
 
     python benchmarks/rollout.py                 # CPU defaults, a few minutes on 2 cores
     python benchmarks/rollout.py --device cuda   # real SD3.5-M shape at 512 px, bf16
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+import transformers
 from torch import Tensor
 
 from tpgrpo.pipelines import FlowModel
@@ -105,8 +107,10 @@ def _release_freed_heap() -> None:
         pass
 
 
-def measure(run: Callable[[], Rollout], device: torch.device) -> tuple[Rollout, float, float]:
-    """Run once; return its result, wall-clock seconds and peak memory increase in MiB."""
+def measure(run: Callable[[], Rollout], device: torch.device) -> tuple[Rollout, dict[str, float]]:
+    """Run once; return its result and ``seconds`` (wall clock), ``cpu_seconds`` (this process's
+    CPU time, less sensitive than the wall clock to other jobs on a shared CPU) and
+    ``peak_memory_mib`` (peak memory increase)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -115,13 +119,13 @@ def measure(run: Callable[[], Rollout], device: torch.device) -> tuple[Rollout, 
         _release_freed_heap()
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux)
         before = _rss_kib("VmRSS") * 1024
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
-    return result, seconds, (peak - before) / 2**20
+    return result, {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_memory_mib": (peak - before) / 2**20}
 
 
 def compare_schedules(
@@ -147,27 +151,27 @@ def compare_schedules(
     }
     with torch.no_grad():  # warm-up
         velocity_fn(latents, float(sigmas[0]), torch.arange(latents.shape[0], device=latents.device))
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    memory: dict[str, list[float]] = {name: [] for name in runs}
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     results: dict[str, Rollout] = {}
     for _ in range(repeats):
         for name, run in runs.items():
-            results[name], wall, peak = measure(run, latents.device)
-            seconds[name].append(wall)
-            memory[name].append(peak)
+            results[name], numbers = measure(run, latents.device)
+            measured[name].append(numbers)
     group = latents.shape[0]
-    out = {
-        name: {
-            "seconds": min(seconds[name]),
-            "all_seconds": [round(s, 4) for s in seconds[name]],
+    out = {}
+    for name in runs:
+        seconds = [m["seconds"] for m in measured[name]]
+        out[name] = {
+            "seconds": min(seconds),
+            "all_seconds": [round(s, 4) for s in seconds],
+            "cpu_seconds": min(m["cpu_seconds"] for m in measured[name]),
             "nfe_per_image": results[name].nfe_per_image,
             "transformer_calls": results[name].transformer_calls,
-            "peak_memory_mib": max(memory[name]),
-            "images_per_second": group / min(seconds[name]),
+            "peak_memory_mib": max(m["peak_memory_mib"] for m in measured[name]),
+            "images_per_second": group / min(seconds),
         }
-        for name in runs
-    }
     out["speedup"] = out["sequential"]["seconds"] / out["engine"]["seconds"]
+    out["cpu_time_speedup"] = out["sequential"]["cpu_seconds"] / out["engine"]["cpu_seconds"]
     out["nfe_ratio"] = out["sequential"]["nfe_per_image"] / out["engine"]["nfe_per_image"]
     reference, engine = results["sequential"], results["engine"]
     out["max_abs_diff"] = {
@@ -394,7 +398,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sd3-repeats", type=int, default=None, help="default: 1 on CPU, 3 on CUDA")
     parser.add_argument("--sd3-max-batch", type=int, default=None, help="engine micro-batch, SD3 case")
     parser.add_argument("--reward", default="shapes", help="registered reward for the agreement case")
-    parser.add_argument("--agreement-prompts", type=int, default=8)
+    parser.add_argument("--agreement-prompts", type=int, default=24)
     parser.add_argument("--branch-steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 3, 5])
     parser.add_argument("--decode-batch", type=int, default=64)
     parser.add_argument("--cases", default="tiny,sd3,agreement", help="comma-separated subset of tiny,sd3,agreement")
@@ -422,7 +426,7 @@ def summary(results: dict) -> str:
             parts.append(
                 f"{name} ({case['resolution']}px, G={case['group']}): sequential {seq['seconds']:.2f}s "
                 f"({seq['nfe_per_image']} NFE) -> engine {eng['seconds']:.2f}s ({eng['nfe_per_image']} NFE), "
-                f"{case['speedup']:.2f}x"
+                f"{case['speedup']:.2f}x (CPU time {case['cpu_time_speedup']:.2f}x)"
             )
     if "agreement" in results["cases"]:
         approx = results["cases"]["agreement"]["branch_steps"]
@@ -436,6 +440,8 @@ def summary(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = {

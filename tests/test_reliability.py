@@ -49,7 +49,10 @@ def callbacks_arg(every: int = 1, export: bool = True) -> str:
     return "--trainer.callbacks=[" + ", ".join(items) + "]"
 
 
-SMALL = ("--data.prompts_per_step=1", "--data.group_size=3", "--model.log_images_every_n_steps=0", callbacks_arg())
+SMALL = (
+    "--data.prompts_per_step=1", "--data.group_size=3", "--model.optimizer_steps_per_batch=2",
+    "--model.learning_rate=1e-3", "--model.log_images_every_n_steps=0", callbacks_arg(),
+)
 
 
 def fit_args(root: Path, model_dir, prompts, *extra) -> list[str]:

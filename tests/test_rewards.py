@@ -430,7 +430,7 @@ def test_client_timeout_bounds_the_time_spent_on_a_hanging_server():
         start = time.monotonic()
         with pytest.raises(GenEvalServerError, match="after 2 tries: .*timed out"):
             call(url, tries=2, timeout=0.3)
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 10.0  # two 0.3 s timeouts and a backoff, not the default 60 s
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,8 @@ Checks of a GenEval record (`tpgrpo.tiny.scenes`), each in [0, 1], for include e
 - binding (entries with a colour): min(#(c and k), n) / n.
 - position: the fraction of (object, target object) pairs in the relation, GenEval's rule on
   bounding-box centres (offset beyond 0.1 of the summed sizes, within 60 degrees of the axis).
+- extra (every record): min(1, objects asked for / objects found). GenEval tolerates extra
+  objects; here it would let clutter (e.g. a random model's colour noise) pass any prompt.
 
 ``"shapes"`` is the mean of a record's checks (a dense score); ``"shapes/strict"`` is 1 when all
 of them pass (GenEval's correctness). ``"shapes/<check>"`` is the mean of that kind of check,
@@ -39,7 +41,7 @@ from scipy import ndimage
 from tpgrpo.rewards.base import Reward, register_reward
 from tpgrpo.tiny.scenes import COLORS, SHAPES, validate_record
 
-CHECKS: tuple[str, ...] = ("count", "color", "binding", "position")
+CHECKS: tuple[str, ...] = ("count", "color", "binding", "position", "extra")
 RELATION_THRESHOLD = 0.1  # GenEval's POSITION_THRESHOLD
 
 
@@ -140,7 +142,7 @@ def detect(
     chroma_threshold: float = 0.3,
     min_area: float = 0.01,
     triangle_fill: float = 0.62,
-    triangle_drop: float = 0.08,
+    triangle_drop: float = 0.06,
     square_corners: float = 0.6,
 ) -> list[list[Detection]]:
     """Objects in each image: (B, 3, H, W) float in [0, 1] -> B lists of `Detection`.
@@ -199,6 +201,8 @@ def check_record(objects: Sequence[Detection], record: Mapping) -> dict[str, lis
         found = len(_matches(objects, entry))
         limit = entry["count"]
         checks["count"].append(1.0 if found < limit else (limit - 1) / found)
+    wanted = sum(entry["count"] for entry in include)
+    checks["extra"].append(min(1.0, wanted / len(objects)) if objects else 1.0)
     return checks
 
 
@@ -211,7 +215,7 @@ class ShapesReward(Reward):
         chroma_threshold: float = 0.3,
         min_area: float = 0.01,
         triangle_fill: float = 0.62,
-        triangle_drop: float = 0.08,
+        triangle_drop: float = 0.06,
         square_corners: float = 0.6,
     ):
         super().__init__()
