@@ -155,7 +155,8 @@ def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny_model_dir, prompt
     """A real ``kill -9`` of ``train.py fit`` after its first checkpoint; ``--ckpt_path last`` finishes the run exactly."""
     full, full_root = reference
     args = fit_args(tmp_path, tiny_model_dir, prompts2, "--trainer.max_steps=6")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    # CPU sums split over threads: bit-identical numbers need the same thread count as this process
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen(
         [sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -177,6 +178,20 @@ def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny_model_dir, prompt
     assert resumed.trainer.global_step == 6
     assert_same_metrics(scalars(full_root / "logs"), scalars(tmp_path / "logs"))
     assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(resumed.model.transformer))
+
+
+def test_ckpt_path_last_searches_every_logger_version(tmp_path, tiny_model_dir, prompts2):
+    """Also with the stock ModelCheckpoint; with nothing to resume, a warning and a fresh start."""
+    stock = (
+        "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+        "init_args: {save_last: true, every_n_train_steps: 2, save_top_k: 0}}]"
+    )
+    with pytest.warns(UserWarning, match="no last checkpoint of this run was found; training starts from scratch"):
+        first = build_cli(fit_args(tmp_path, tiny_model_dir, prompts2, stock, "--trainer.max_steps=2", "--ckpt_path=last"))
+    assert first.trainer.ckpt_path is None and first.trainer.global_step == 2
+    again = build_cli(fit_args(tmp_path, tiny_model_dir, prompts2, stock, "--trainer.max_steps=4", "--ckpt_path=last"))
+    assert again.trainer.ckpt_path == first.trainer.checkpoint_callback.last_model_path
+    assert Path(again.trainer.log_dir).name == "version_1" and again.trainer.global_step == 4
 
 
 def test_checkpoint_holds_lora_and_training_state_only(reference, tiny_model_dir):
@@ -273,6 +288,47 @@ def test_every_n_train_steps_counts_optimizer_steps_across_batches(tmp_path):
     small_trainer(tmp_path, [ours, stock], max_steps=12).fit(TwoStepsPerBatch())
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["step=10.ckpt", "step=12.ckpt", "step=4.ckpt", "step=6.ckpt"]
     assert sorted(p.name for p in (tmp_path / "stock").iterdir()) == ["step=12.ckpt", "step=6.ckpt"]
+
+
+class Validated(TwoStepsPerBatch):
+    """Validation after every batch; counts the validations that ended."""
+
+    def __init__(self, val_items: int):
+        super().__init__()
+        self.val_items = val_items
+        self.validated_at: list[int] = []
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):  # (runs before the callbacks' on_validation_end)
+        self.validated_at.append(self.global_step)
+
+    def val_dataloader(self):
+        return DataLoader(torch.arange(float(self.val_items)), batch_size=1)
+
+
+class RecordingCheckpoint(AtomicCheckpoint):
+    def _save_checkpoint(self, trainer, filepath):
+        self.saves = getattr(self, "saves", []) + [(trainer.global_step, list(trainer.lightning_module.validated_at))]
+        super()._save_checkpoint(trainer, filepath)
+
+
+@pytest.mark.parametrize("val_items", [2, 0])
+def test_a_save_waits_for_the_validation_that_follows_its_batch(tmp_path, val_items):
+    """So a run killed during validation resumes from before that batch and logs the validation again."""
+    checkpoint = RecordingCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2, save_top_k=0)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[checkpoint], val_check_interval=1, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    module = Validated(val_items)
+    trainer.fit(module)
+    if val_items:  # each save comes after the validation of its step
+        assert checkpoint.saves == [(2, [2]), (4, [2, 4]), (6, [2, 4, 6])]
+    else:  # no validation data: saved at the end of each batch
+        assert [step for step, _ in checkpoint.saves] == [2, 4, 6] and not module.validated_at
 
 
 def test_ema_updates_when_a_batch_crosses_its_interval(tmp_path):

@@ -25,6 +25,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -68,6 +69,39 @@ def _replace(source: str, target: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(target)))
 
 
+def _last_checkpoints_of_all_versions(trainer: Trainer, callback: ModelCheckpoint) -> set[str]:
+    """``<save_dir>/<name>/*/checkpoints/last*.ckpt``: the last checkpoints of every version of the logger's experiment."""
+    if not trainer.loggers or not isinstance(callback._fs, LocalFileSystem):
+        return set()
+    logger = trainer.loggers[0]
+    root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name or "")
+    pattern = re.compile(rf"^{re.escape(callback.CHECKPOINT_NAME_LAST)}(-(\d+))?$")
+    if not root.is_dir():
+        return set()
+    return {
+        os.path.normpath(path)
+        for path in root.glob(f"*/checkpoints/*{callback.FILE_EXTENSION}")
+        if pattern.match(path.stem) and path.is_file()
+    }
+
+
+def find_last_checkpoint(trainer: Trainer) -> str | None:
+    """The newest ``last*.ckpt`` of the trainer's checkpoint callbacks, searching every logger version.
+
+    What ``--ckpt_path last`` should mean for a run whose checkpoints live in the folder of its
+    logger's version (``<save_dir>/<name>/version_N/checkpoints``): a new run gets a new version,
+    where Lightning's own lookup finds nothing. Works with the stock `ModelCheckpoint` too.
+    """
+    found: set[str] = set()
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            found |= callback._find_last_checkpoints(trainer)
+            if getattr(callback, "_follows_logger", callback.dirpath is None):
+                found |= _last_checkpoints_of_all_versions(trainer, callback)
+    existing = [path for path in found if os.path.isfile(path)]
+    return max(existing, key=os.path.getmtime) if existing else None
+
+
 class AtomicCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` with crash-safe writes and step counting that fits several optimizer steps per batch.
 
@@ -92,8 +126,6 @@ class AtomicCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
-            from weakref import proxy
-
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
@@ -135,6 +167,9 @@ class AtomicCheckpoint(ModelCheckpoint):
         fetcher = trainer.fit_loop._data_fetcher
         if fetcher is None or not trainer.enable_validation or self._should_save_on_train_epoch_end(trainer):
             return False
+        batches = getattr(trainer.fit_loop.epoch_loop.val_loop, "max_batches", None)
+        if not isinstance(batches, list) or sum(batches) == 0:  # no validation data: validation is skipped
+            return False
         try:
             return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
         except Exception:  # a Lightning version without this helper: save now
@@ -148,16 +183,8 @@ class AtomicCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         """``last*.ckpt`` of this callback's folder and, if that follows the logger's version, of every version."""
         found = super()._find_last_checkpoints(trainer)
-        follows_logger = getattr(self, "_follows_logger", self.dirpath is None)
-        if not follows_logger or not trainer.loggers or not isinstance(self._fs, LocalFileSystem):
-            return found
-        logger = trainer.loggers[0]
-        root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name or "")
-        pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-(\d+))?$")
-        if root.is_dir():
-            for path in root.glob(f"*/checkpoints/*{self.FILE_EXTENSION}"):
-                if pattern.match(path.stem) and path.is_file():
-                    found.add(os.path.normpath(path))
+        if getattr(self, "_follows_logger", self.dirpath is None):
+            found |= _last_checkpoints_of_all_versions(trainer, self)
         return found
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from tpgrpo.callbacks import find_last_checkpoint
 from tpgrpo.data import PromptDataModule
 from tpgrpo.errors import UserInputError
 from tpgrpo.module import TPGRPOModule
@@ -39,6 +41,17 @@ class TPGRPOCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_model_and_data(self.model, self.datamodule)
+
+    def fit(self, model: TPGRPOModule, ckpt_path: str | None = None, **kwargs) -> None:
+        """``--ckpt_path last``: the newest last checkpoint of any logger version of this run (see
+        `tpgrpo.callbacks.find_last_checkpoint`); none found: a warning, and training starts afresh."""
+        if ckpt_path == "last":
+            ckpt_path = find_last_checkpoint(self.trainer)
+            if ckpt_path is None:
+                rank_zero_warn("--ckpt_path last: no last checkpoint of this run was found; training starts from scratch")
+            else:
+                rank_zero_info(f"--ckpt_path last: resuming from {ckpt_path}")
+        self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
 
 
 def check_model_and_data(model: TPGRPOModule, datamodule: PromptDataModule) -> None:
