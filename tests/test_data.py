@@ -182,7 +182,7 @@ def test_datamodule_simulated_ranks(txt):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"group_size": 0}, r"data\.group_size must be >= 1, got 0"),
+        ({"group_size": 1}, r"data\.group_size must be >= 2, got 1"),
         ({"prompts_per_step": 0}, r"data\.prompts_per_step must be >= 1"),
         ({"eval_seeds": 0}, r"data\.eval_seeds must be >= 1"),
         ({"eval_batch_size": -1}, r"data\.eval_batch_size must be >= 1"),
@@ -216,7 +216,7 @@ class Recorder(LightningModule):
         self.seen = []
 
     def training_step(self, batch, batch_idx):
-        self.seen.append(batch["prompt_index"].tolist())
+        self.seen.append(batch["prompt_index"].unique_consecutive().tolist())
         return self.weight.sum() * 0
 
     def predict_step(self, batch, batch_idx):
@@ -235,7 +235,7 @@ def make_trainer(tmp_path, devices=1, **kwargs):
 
 def test_lightning_epochs_and_mid_epoch_resume_see_the_same_batches(txt, tmp_path):
     """4 steps per epoch; a run stopped after step 6 and resumed trains the batches a full run does."""
-    dm_args = dict(train_prompts=txt, prompts_per_step=3, group_size=1, seed=0)
+    dm_args = dict(train_prompts=txt, prompts_per_step=3, group_size=2, seed=0)
     full = Recorder()
     make_trainer(tmp_path / "full", max_epochs=3, enable_checkpointing=False).fit(full, PromptDataModule(**dm_args))
     assert len(full.seen) == 12

@@ -50,7 +50,8 @@ def test_offloaded_text_encoders_visit_the_device_only_while_encoding(monkeypatc
 def test_sd3_encode_shapes_and_dedup(sd3):
     cond = sd3.encode([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
     config = sd3.transformer.config
-    assert cond.prompt_embeds.shape == (3, 12 + MAX_SEQUENCE_LENGTH, config.joint_attention_dim)
+    tokens = sd3.pipe.tokenizer.model_max_length  # CLIP tokens, then the zero T5 padding
+    assert cond.prompt_embeds.shape == (3, tokens + MAX_SEQUENCE_LENGTH, config.joint_attention_dim)
     assert cond.pooled.shape == (3, config.pooled_projection_dim) and len(cond) == 3
     assert torch.equal(cond.prompt_embeds[0], cond.prompt_embeds[2])
     embeds, _, pooled, _ = sd3.pipe.encode_prompt(

@@ -150,7 +150,6 @@ def test_same_seed_same_metrics(reference, tmp_path, tiny_model_dir, prompts2):
     assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(again.model.transformer))
 
 
-@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny_model_dir, prompts2):
     """A real ``kill -9`` of ``train.py fit`` after its first checkpoint; ``--ckpt_path last`` finishes the run exactly."""
     full, full_root = reference

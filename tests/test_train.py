@@ -24,6 +24,7 @@ def cli_args(tmp_path, model_dir, prompts, *extra):
         "--model.window_range=[0, 3]",
         "--model.lora_rank=4",
         "--model.lora_alpha=8",
+        "--model.optimizer_steps_per_batch=2",
         "--model.log_images_every_n_steps=1",
         # random weights draw no shapes: a reward that varies on any image gives a learning signal
         "--model.rewards={jpeg_incompressibility: 1.0, shapes: 0.5}",
