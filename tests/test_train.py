@@ -189,3 +189,13 @@ def test_shipped_configs_parse(config, capsys):
     printed = capsys.readouterr().out
     for key in ["num_steps", "window_size", "noise_level", "guidance_scale", "clip_range", "kl_beta", "eta", "lora_rank", "group_size"]:
         assert f"{key}:" in printed
+
+
+def test_test_and_predict_subcommands(tmp_path, tiny_model_dir, prompt_file):
+    args = cli_args(tmp_path, tiny_model_dir, prompt_file)
+    tested = build_cli(["test", *args, f"--data.test_prompts={prompt_file}", "--data.eval_seeds=2"])
+    assert tested.model.eval_summary["reward"].shape == (8,)  # 4 prompts × 2 fixed seeds
+    out = tmp_path / "predicted"
+    build_cli(["predict", *args, f"--data.predict_prompts={prompt_file}", f"--model.predict_dir={out}"])
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert len(written) == 4 and written[0].endswith("_seed0.png")
