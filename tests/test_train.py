@@ -61,7 +61,7 @@ def test_fit_runs_end_to_end_and_logs(tmp_path, tiny_model_dir, prompt_file):
         "train/turning_points_kept", "val/reward", "image:train/samples",
     ]:
         assert tag in tags, tag
-    checkpoint = torch.load(Path(cli.trainer.checkpoint_callback.last_model_path), weights_only=False, map_location="cpu")
+    checkpoint = torch.load(Path(cli.trainer.checkpoint_callback.last_model_path), weights_only=True, map_location="cpu")
     assert checkpoint["state_dict"], "LoRA weights missing from the checkpoint"
     assert all("lora" in key for key in checkpoint["state_dict"])
 

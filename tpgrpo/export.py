@@ -32,7 +32,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserInputError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
     except Exception as error:  # a truncated or foreign file
         raise UserInputError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
 
