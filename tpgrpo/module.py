@@ -22,6 +22,7 @@ from tpgrpo.errors import UserInputError
 from tpgrpo.images import image_grid
 from tpgrpo.lora import add_lora, disabled_adapter, lora_parameters
 from tpgrpo.pipelines import FlowModel, PromptEmbeds, load_flow_model
+from tpgrpo.prompt_length import PromptLengthCheck
 from tpgrpo.rewards import build_reward
 from tpgrpo.rollout import Rollout, rollout, sample_window_start
 from tpgrpo.sde import STEP_KINDS, kl_to_reference, ode_step, sde_step, step_std
@@ -222,8 +223,6 @@ class TPGRPOModule(LightningModule):
         A prompt longer than a text encoder reads is truncated, with one warning per run.
         """
         if getattr(self, "_prompt_length_check", None) is None:
-            from tpgrpo.prompt_length import PromptLengthCheck
-
             self._prompt_length_check = PromptLengthCheck(self.flow.pipe, self.flow.max_sequence_length)
         with self._prompt_length_check(prompts):
             return self.flow.encode(list(prompts))
@@ -293,9 +292,8 @@ class TPGRPOModule(LightningModule):
             [m for m in metadata for _ in range(completions)],
         )
         sequence = scores["reward"].view(num_images, completions)
-        options = {"eta": h.eta, "balance": h.balance} if h.credit == "tp" else {}
         if h.credit == "tp":
-            per_step = credit_rules.step_rewards("tp", sequence, **options)
+            per_step = credit_rules.turning_point_rewards(sequence, eta=h.eta, balance=h.balance)
         else:
             per_step = credit_rules.outcome_rewards(sequence[:, -1], h.window_size)
         advantages = credit_rules.group_advantages(
