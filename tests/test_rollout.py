@@ -235,3 +235,22 @@ def test_rollout_rejects_bad_arguments(change, match):
     kwargs.update(change)
     with pytest.raises(ValueError, match=match):
         rollout(**kwargs)
+
+
+def test_ode_sample_is_the_euler_loop():
+    from tpgrpo.rollout import ode_sample
+    from tpgrpo.sde import ode_step
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 2, 4, 4, generator=generator)
+    sigmas = torch.tensor([1.0, 0.6, 0.25, 0.0])
+
+    def velocity_fn(x, sigma, rows):
+        return torch.tanh(x) * (1 + sigma) + rows.view(-1, 1, 1, 1)
+
+    expected = latents
+    rows = torch.arange(3)
+    for here, there in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        expected = ode_step(velocity_fn(expected, here, rows), expected, here, there)
+    torch.testing.assert_close(ode_sample(velocity_fn, latents, sigmas), expected)
+    torch.testing.assert_close(ode_sample(velocity_fn, latents, sigmas, max_batch=2), expected)

@@ -24,8 +24,8 @@ from tpgrpo.lora import add_lora, disabled_adapter, lora_parameters
 from tpgrpo.pipelines import FlowModel, PromptEmbeds, load_flow_model
 from tpgrpo.prompt_length import PromptLengthCheck
 from tpgrpo.rewards import build_reward
-from tpgrpo.rollout import Rollout, rollout, sample_window_start
-from tpgrpo.sde import STEP_KINDS, kl_to_reference, ode_step, sde_step, step_std
+from tpgrpo.rollout import Rollout, ode_sample, rollout, sample_window_start
+from tpgrpo.sde import STEP_KINDS, kl_to_reference, sde_step, step_std
 from tpgrpo.tiny.components import DEFAULT_MODEL_DIR
 
 
@@ -465,12 +465,8 @@ class TPGRPOModule(LightningModule):
             [self.flow.initial_noise(1, h.resolution, torch.Generator().manual_seed(int(s)))[0] for s in seeds]
         ).to(self.device)
         velocity_fn = self._velocity_fn(self._conditioning(prompts), h.eval_guidance_scale)
-        sigmas = self.flow.sigmas(h.eval_num_steps, h.resolution).tolist()
-        rows = torch.arange(len(prompts), device=self.device)
-        latents = noise
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            latents = ode_step(velocity_fn(latents, sigma, rows), latents, sigma, sigma_next)
-        return self.flow.decode(latents)
+        sigmas = self.flow.sigmas(h.eval_num_steps, h.resolution)
+        return self.flow.decode(ode_sample(velocity_fn, noise, sigmas, h.rollout_max_batch))
 
     def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
         images = self.sample(batch["prompts"], batch["seeds"])

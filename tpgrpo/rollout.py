@@ -255,6 +255,18 @@ def _prepare(
     return latents, [float(s) for s in sigmas], step_noise.to(device=latents.device, dtype=torch.float32)
 
 
+@torch.no_grad()
+def ode_sample(velocity_fn: VelocityFn, latents: Tensor, sigmas: Tensor, max_batch: int | None = None) -> Tensor:
+    """Deterministic Euler sampling of (B, C, h, w) latents through all of ``sigmas`` (T+1,).
+
+    Used for evaluation; ``rows`` passed to ``velocity_fn`` are ``0 … B-1``.
+    """
+    latents = latents.detach().float()
+    rows = torch.arange(latents.shape[0], device=latents.device)
+    values = [float(s) for s in sigmas]
+    return _ode_solve(_Evaluator(velocity_fn, max_batch), latents, values, list(range(len(values))), rows)
+
+
 def _ode_solve(evaluate: _Evaluator, latents: Tensor, sigmas: list[float], grid: list[int], rows: Tensor) -> Tensor:
     """ODE (Euler) steps through the sigma indices ``grid``, one velocity call per step."""
     for here, there in zip(grid[:-1], grid[1:]):
