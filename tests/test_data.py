@@ -149,18 +149,22 @@ def test_batches_done_are_skipped():
 def test_eval_batches_cover_every_prompt_and_seed_once_across_ranks():
     prompts = read_prompts_stub(5)
     dataset = EvalBatches(prompts, seeds=3)
-    pairs, indices = [], []
+    pairs, indices, shapes = [], [], []
     for rank in range(2):
         sampler = EvalSampler(len(dataset), batch_size=4, rank=rank, world_size=2)
         batches = [dataset[plan] for plan in sampler]
         assert len(batches) == len(sampler)
+        shapes.append([len(batch["prompts"]) for batch in batches])
         for batch in batches:
             assert len(batch["prompts"]) <= 4
             assert all(p == f"p{i}" for p, i in zip(batch["prompts"], batch["prompt_index"].tolist()))
-            pairs += list(zip(batch["prompt_index"].tolist(), batch["seeds"].tolist()))
-            indices += batch["index"].tolist()
+            real = batch["real"]
+            pairs += list(zip(batch["prompt_index"][real].tolist(), batch["seeds"][real].tolist()))
+            indices += batch["index"][real].tolist()
     assert pairs == [(p, s) for p in range(5) for s in range(3)]  # file order, seeds 0..2, no duplicates
     assert indices == list(range(15))
+    # 15 items over 2 ranks: 7 + 8, the first rank padded to 8 so both run batches of 4 + 4
+    assert shapes == [[4, 4], [4, 4]]
 
 
 # ------------------------------------------------------------------------------- DataModule

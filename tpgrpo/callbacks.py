@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from tpgrpo.ema import LoRAEMA
-from tpgrpo.lora import save_lora
+from tpgrpo.lora import lora_state_dict, save_lora
 
 TMP_SUFFIX = ".tmp"
 
@@ -233,19 +233,20 @@ class LoRAExport(Callback):
             self.export(trainer, pl_module)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> Path:
-        """Write the LoRA (rank 0 only) and return the folder."""
+        """Write the LoRA (rank 0 writes; every rank takes part, since sharded weights are gathered) and return the folder."""
         target = self.directory(trainer)
+        ema = next((c for c in trainer.callbacks if isinstance(c, LoRAEMA)), None) if self.use_ema else None
+        with ema.swapped_in(pl_module) if ema is not None else nullcontext():
+            state = lora_state_dict(pl_module.transformer)
         if trainer.is_global_zero:
-            ema = next((c for c in trainer.callbacks if isinstance(c, LoRAEMA)), None) if self.use_ema else None
-            weights = ema.swapped_in(pl_module) if ema is not None else nullcontext()
             staging = target.with_name(target.name + TMP_SUFFIX)
             if staging.exists():
                 shutil.rmtree(staging)
-            with weights:
-                save_lora(pl_module.transformer, staging, pipeline_class=pl_module.flow.pipeline_class)
+            save_lora(pl_module.transformer, staging, pipeline_class=pl_module.flow.pipeline_class, state=state)
             _replace(str(staging), str(target))
             rank_zero_info(
                 f"LoRA{' (EMA)' if ema is not None else ''} at step {trainer.global_step} written to {target}"
             )
+        trainer.strategy.barrier("LoRAExport.export")
         self.last_export = target
         return target

@@ -186,6 +186,26 @@ def group_advantages(
     return advantages[:, 0] if squeeze else advantages
 
 
+def group_members(group_ids: Tensor) -> Tensor:
+    """Each row's position among the rows of its group, in order of appearance: (N,) -> (N,) long."""
+    seen: dict[int, int] = {}
+    members = []
+    for group in group_ids.tolist():
+        members.append(seen.get(group, 0))
+        seen[group] = members[-1] + 1
+    return torch.tensor(members, dtype=torch.long, device=group_ids.device)
+
+
+def update_parts(group_ids: Tensor, parts: int) -> Tensor:
+    """Which of ``parts`` optimizer steps trains each row: ``(group id + member) mod parts``, (N,) long.
+
+    Every group is spread evenly over the parts, and the assignment depends only on the row's
+    group id and member index, so the same image lands in the same part whatever the number of
+    ranks the batch is split over.
+    """
+    return (group_ids + group_members(group_ids)) % parts
+
+
 def active_rows(advantages: Tensor) -> Tensor:
     """Rows with a non-zero advantage at some step, (N, W) -> bool (N,); the others are dropped."""
     return (advantages != 0).any(dim=1)

@@ -175,27 +175,35 @@ class EvalSampler(DistributedSampler):
     """Yields this rank's batches of evaluation items (``item = prompt_index × seeds + seed``).
 
     The items ``0 .. num_items - 1`` are split into contiguous, balanced blocks, one per rank.
+    Every rank gets ``ceil(num_items / world_size)`` items in batches of the same sizes (a rank
+    with a shorter block repeats its last item, marked as padding), because sharded models make
+    collective calls in every forward pass. Each batch plan is ``(items, number of real items)``.
     """
 
     def __init__(self, num_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
         super().__init__(range(num_items), num_replicas=world_size, rank=rank, shuffle=False)
         self.begin = rank * num_items // world_size
         self.end = (rank + 1) * num_items // world_size
+        self.per_rank = -(-num_items // world_size)
         self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return -(-(self.end - self.begin) // self.batch_size)
+        return -(-self.per_rank // self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for start in range(self.begin, self.end, self.batch_size):
-            yield list(range(start, min(start + self.batch_size, self.end)))
+    def __iter__(self) -> Iterator[tuple[list[int], int]]:
+        items = list(range(self.begin, self.end))
+        items += items[-1:] * (self.per_rank - len(items))
+        for start in range(0, self.per_rank, self.batch_size):
+            batch = items[start : start + self.batch_size]
+            yield batch, max(0, min(len(batch), self.end - self.begin - start))
 
 
 class EvalBatches(Dataset):
     """Turns an `EvalSampler` plan into a batch: every prompt with seeds ``0 .. seeds - 1``.
 
     Batch: ``prompts``, ``metadata`` (B,), ``prompt_index``, ``seeds`` and ``index`` (the
-    item number, unique per image, for file names) LongTensor (B,).
+    item number, unique per image, for file names) LongTensor (B,), and ``real`` BoolTensor (B,):
+    False for padding rows, which are left out of scores and files.
     """
 
     def __init__(self, prompts: PromptSet, seeds: int):
@@ -205,7 +213,8 @@ class EvalBatches(Dataset):
     def __len__(self) -> int:
         return len(self.prompts) * self.seeds
 
-    def __getitem__(self, items: list[int]) -> dict[str, Any]:
+    def __getitem__(self, plan: tuple[list[int], int]) -> dict[str, Any]:
+        items, num_real = plan
         index = torch.tensor(items, dtype=torch.long)
         prompt_index = index // self.seeds
         return {
@@ -214,6 +223,7 @@ class EvalBatches(Dataset):
             "prompt_index": prompt_index,
             "seeds": index % self.seeds,
             "index": index,
+            "real": torch.arange(len(items)) < num_real,
         }
 
 

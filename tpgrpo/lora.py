@@ -87,10 +87,10 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     Keys look like ``transformer_blocks.0.attn.to_q.lora_A.weight`` (no adapter name).
     """
     state = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-    return {key: _full(value).detach().cpu().clone() for key, value in state.items()}
+    return {key: full_tensor(value).detach().cpu().clone() for key, value in state.items()}
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly FSDP2-sharded) parameter."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
@@ -119,17 +119,19 @@ def save_lora(
     module: nn.Module,
     directory: str | Path,
     pipeline_class: type[DiffusionPipeline] = StableDiffusion3Pipeline,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the LoRA of ``module`` as ``directory/pytorch_lora_weights.safetensors``.
 
     Diffusers format with the adapter config (rank, alpha, targets) as metadata, so
     ``pipeline_class.from_pretrained(...).load_lora_weights(directory)`` restores it exactly.
-    Call it on one rank only (except under FSDP2, see the module docstring).
+    ``state``: the weights from `lora_state_dict`, when taken already (under FSDP2 every rank
+    must take them, then one rank saves).
     """
     directory = Path(directory)
     pipeline_class.save_lora_weights(
         directory,
-        transformer_lora_layers=lora_state_dict(module),
+        transformer_lora_layers=lora_state_dict(module) if state is None else state,
         transformer_lora_adapter_metadata=module.peft_config[ADAPTER].to_dict(),
     )
     return directory

@@ -18,9 +18,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from tpgrpo import credit as credit_rules
+from tpgrpo.distributed import all_ranks_max, all_ranks_sum, gather_rows, is_sharded, shard_transformer, world_size
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import image_grid
-from tpgrpo.lora import add_lora, disabled_adapter, lora_parameters
+from tpgrpo.lora import add_lora, disabled_adapter, full_tensor, lora_parameters
 from tpgrpo.pipelines import FlowModel, PromptEmbeds, load_flow_model
 from tpgrpo.prompt_length import PromptLengthCheck
 from tpgrpo.rewards import build_reward
@@ -65,6 +66,7 @@ class TPGRPOModule(LightningModule):
         same_noise_per_group: all images of a prompt start from the same initial noise.
         eta: scale of the long-term reward given at turning points.
         balance: balance turning points of rising and falling trajectories.
+        balance_scope: "rank" (spec: over each rank's batch) or "global" (over all ranks' batches).
         branch_steps: approximation, off (None) by default: complete branches with this many ODE steps.
         clip_range: PPO ratio clip ``ε``.
         advantage_clip: advantages are clamped to ``±advantage_clip``.
@@ -108,6 +110,7 @@ class TPGRPOModule(LightningModule):
         same_noise_per_group: bool = False,
         eta: float = 1.0,
         balance: bool = True,
+        balance_scope: str = "rank",
         branch_steps: int | None = None,
         clip_range: float = 1e-5,
         advantage_clip: float = 5.0,
@@ -158,6 +161,7 @@ class TPGRPOModule(LightningModule):
     def _validate(self) -> None:
         h = self.hparams
         _check(h.credit in credit_rules.CREDITS, f"credit must be one of {sorted(credit_rules.CREDITS)}, got {h.credit!r}")
+        _check(h.balance_scope in ("rank", "global"), f'balance_scope must be "rank" or "global", got {h.balance_scope!r}')
         _check(h.step_kind in STEP_KINDS, f"step_kind must be one of {STEP_KINDS}, got {h.step_kind!r}")
         _check(h.num_steps >= 1 and h.eval_num_steps >= 1, "num_steps and eval_num_steps must be >= 1")
         _check(
@@ -202,6 +206,14 @@ class TPGRPOModule(LightningModule):
             _check(h[name] is None or h[name] >= 1, f"{name} must be >= 1 or null, got {h[name]}")
         _check(h.log_images_every_n_steps >= 0, "log_images_every_n_steps must be >= 0 (0: never)")
 
+    def configure_model(self) -> None:
+        """Under ``strategy: fsdp2``: shard each transformer block over the ranks (bf16 compute with bf16 precision)."""
+        mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy only
+        if mesh is None or is_sharded(self.transformer):
+            return
+        param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
+        shard_transformer(self.transformer, mesh["data_parallel"], param_dtype)
+
     # --------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
         h = self.hparams
@@ -237,13 +249,51 @@ class TPGRPOModule(LightningModule):
 
         return velocity
 
-    def _initial_noise(self, group_ids: Tensor, generator: torch.Generator) -> Tensor:
+    def _rollout_noise(self, group_ids: Tensor, step: Any) -> tuple[Tensor, Tensor]:
+        """Initial (N, C, h, w) and SDE-window (N, W, C, h, w) noise of a rollout batch.
+
+        Each image draws from its own seed ``(seed, step, group id, member)`` (the initial noise
+        from ``(seed, step, group id)`` with ``same_noise_per_group``), so an image gets the same
+        noise whichever rank or batch position it has: seeds differ per rank, runs are reproducible,
+        and N ranks compute what one process computes on the union of their batches.
+        """
         h = self.hparams
-        if not h.same_noise_per_group:
-            return self.flow.initial_noise(len(group_ids), h.resolution, generator).to(self.device)
-        unique, inverse = torch.unique(group_ids, return_inverse=True)
-        noise = self.flow.initial_noise(len(unique), h.resolution, generator).to(self.device)
-        return noise[inverse.to(self.device)]
+        shape = self.flow.latent_shape(h.resolution)
+        groups, members = group_ids.tolist(), credit_rules.group_members(group_ids).tolist()
+        initial, window = [], []
+        for group, member in zip(groups, members):
+            generator = torch.Generator().manual_seed(_seed_for(h.seed, step, group, member))
+            if h.same_noise_per_group:
+                initial.append(torch.randn(shape, generator=torch.Generator().manual_seed(_seed_for(h.seed, step, group))))
+            else:
+                initial.append(torch.randn(shape, generator=generator))
+            window.append(torch.randn((h.window_size, *shape), generator=generator))
+        return torch.stack(initial).to(self.device), torch.stack(window).to(self.device)
+
+    def _credit(self, sequence: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-step rewards and advantages (N, W) of this rank's images from their rewards (N, W+1).
+
+        Turning points are balanced over this rank's batch (spec §3) or, with
+        ``balance_scope="global"``, over all ranks' batches; ``global_std`` divides by the std of
+        all ranks' step rewards. Groups are never split over ranks (`tpgrpo.data.GroupSampler`).
+        """
+        h = self.hparams
+        own = slice(self.global_rank * len(group_ids), (self.global_rank + 1) * len(group_ids))
+        if h.credit != "tp":
+            per_step = credit_rules.outcome_rewards(sequence[:, -1], h.window_size)
+        elif h.balance_scope == "global" and world_size() > 1:
+            per_step = credit_rules.turning_point_rewards(gather_rows(sequence), eta=h.eta, balance=h.balance)[own]
+        else:
+            per_step = credit_rules.turning_point_rewards(sequence, eta=h.eta, balance=h.balance)
+        if h.global_std and world_size() > 1:
+            advantages = credit_rules.group_advantages(
+                gather_rows(per_step), gather_rows(group_ids), eps=h.advantage_eps, global_std=True, clip=h.advantage_clip
+            )[own]
+        else:
+            advantages = credit_rules.group_advantages(
+                per_step, group_ids, eps=h.advantage_eps, global_std=h.global_std, clip=h.advantage_clip
+            )
+        return per_step, advantages
 
     def _score(
         self, latents: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]
@@ -265,21 +315,24 @@ class TPGRPOModule(LightningModule):
         """
         h = self.hparams
         prompts, metadata, group_ids = batch["prompts"], batch["metadata"], batch["group_ids"].to(self.device)
-        generator = torch.Generator().manual_seed(_seed_for(h.seed, step, self.global_rank))
-        window_start = sample_window_start(h.num_steps, h.window_size, h.window_range, generator)
+        # the same window on every rank: ranks must make the same transformer calls (see tpgrpo.distributed)
+        window_start = sample_window_start(
+            h.num_steps, h.window_size, h.window_range, torch.Generator().manual_seed(_seed_for(h.seed, step))
+        )
+        initial_noise, step_noise = self._rollout_noise(group_ids, step)
         cond = self._conditioning(prompts)
         was_training = self.transformer.training
         self.transformer.eval()
         result = rollout(
             self._velocity_fn(cond, h.guidance_scale),
-            self._initial_noise(group_ids, generator),
+            initial_noise,
             self.flow.sigmas(h.num_steps, h.resolution).to(self.device),
             window_start,
             h.window_size,
             h.noise_level,
             kind=h.step_kind,
             branches=h.credit == "tp",
-            generator=generator,
+            step_noise=step_noise,
             branch_steps=h.branch_steps,
             max_batch=h.rollout_max_batch,
         )
@@ -292,13 +345,7 @@ class TPGRPOModule(LightningModule):
             [m for m in metadata for _ in range(completions)],
         )
         sequence = scores["reward"].view(num_images, completions)
-        if h.credit == "tp":
-            per_step = credit_rules.turning_point_rewards(sequence, eta=h.eta, balance=h.balance)
-        else:
-            per_step = credit_rules.outcome_rewards(sequence[:, -1], h.window_size)
-        advantages = credit_rules.group_advantages(
-            per_step, group_ids, eps=h.advantage_eps, global_std=h.global_std, clip=h.advantage_clip
-        )
+        per_step, advantages = self._credit(sequence, group_ids)
         return {
             "rollout": result,
             "cond": cond,
@@ -344,41 +391,61 @@ class TPGRPOModule(LightningModule):
 
         Every rollout batch takes exactly that many steps (so ``max_steps`` and resuming count
         the same way whatever happens); a step without images with a learning signal, or with a
-        non-finite gradient, has no gradients and leaves the weights unchanged.
+        non-finite gradient, has no gradients and leaves the weights unchanged. Images go to
+        steps by `tpgrpo.credit.update_parts`, and each step's loss is the mean over that part's
+        images on all ranks, so N ranks take the steps one process takes on their joint batch.
         """
         h = self.hparams
-        result: Rollout = collected["rollout"]
         advantages = collected["advantages"]
-        active = credit_rules.active_rows(advantages).nonzero().flatten()
+        active = credit_rules.active_rows(advantages)
+        part_of = credit_rules.update_parts(collected["group_ids"], h.optimizer_steps_per_batch)
         totals: dict[str, list[Tensor]] = {}
-        for part in active.tensor_split(h.optimizer_steps_per_batch):
-            if part.numel():
-                self._accumulate(collected, part, totals)
-            grad_norm = torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer), h.max_grad_norm)
-            if part.numel() and not torch.isfinite(grad_norm):
+        step_losses = torch.zeros(h.optimizer_steps_per_batch)
+        for index in range(h.optimizer_steps_per_batch):
+            part = (active & (part_of == index)).nonzero().flatten()
+            part_total = int(all_ranks_sum(part.numel(), self.device))
+            if part_total:
+                step_losses[index] = self._accumulate(collected, part, part_total, totals)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer), h.max_grad_norm))
+            if part_total and not torch.isfinite(grad_norm):
                 self.optimizers().zero_grad(set_to_none=True)
                 self._skip_step("the loss or its gradient is NaN or infinite")
-            elif part.numel():
+            elif part_total:
                 self.bad_steps = 0
                 totals.setdefault("grad_norm", []).append(grad_norm.detach())
             self._optimizer_step()
+        collected["step_losses"] = step_losses
         out = {key: float(torch.stack(values).float().mean()) for key, values in totals.items()}
-        out["active_fraction"] = active.numel() / advantages.shape[0]
+        out["active_fraction"] = float(active.float().mean())
         return out
 
-    def _accumulate(self, collected: dict[str, Any], part: Tensor, totals: dict[str, list[Tensor]]) -> None:
-        """Backward of the mean loss over the images ``part`` and all trained transitions."""
+    def _accumulate(self, collected: dict[str, Any], part: Tensor, part_total: int, totals: dict[str, list[Tensor]]) -> float:
+        """Backward of the loss over the images ``part`` (of ``part_total`` on all ranks) and all trained transitions.
+
+        Gradients are averaged over ranks after each backward pass, hence the factor of the world
+        size. Ranks with fewer micro-batches run zero-weighted ones, so all make the same calls.
+        Returns this rank's share of the step's loss (the shares of all ranks add up to it).
+        """
         result: Rollout = collected["rollout"]
         transitions = self.trained_transitions(result)
-        for rows in part.split(self.hparams.train_micro_batch or part.numel()):
-            weight = rows.numel() / part.numel() / len(transitions)
+        micro = self.hparams.train_micro_batch or max(part.numel(), 1)
+        chunks = list(part.split(micro))
+        needed = int(all_ranks_max(len(chunks), self.device))
+        share = 0.0
+        chunks += [torch.zeros(1, dtype=torch.long, device=part.device)] * (needed - len(chunks))
+        for number, rows in enumerate(chunks):
+            real = number < len(part.split(micro))
+            weight = rows.numel() / part_total / len(transitions) * world_size() if real else 0.0
             for index in transitions:
                 loss, metrics = self.transition_loss(
                     result, index, rows, collected["advantages"][rows, index], collected["cond"]
                 )
                 self.manual_backward(loss * weight)
+                share += float(loss.detach()) * weight / world_size()
                 for key, value in metrics.items():
-                    totals.setdefault(key, []).append(value)
+                    if real:
+                        totals.setdefault(key, []).append(value)
+        return share
 
     def _optimizer_step(self) -> None:
         """One optimizer and scheduler step (a no-op for weights without gradients)."""
@@ -388,18 +455,22 @@ class TPGRPOModule(LightningModule):
         self.lr_schedulers().step()
 
     # ------------------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
         started = time.perf_counter()
         step_key = (self.current_epoch, batch_idx, self.global_step)
         collected = self.collect(batch, step_key)
-        if not torch.isfinite(collected["rewards"]).all():
+        collected["group_ids"] = batch["group_ids"].to(self.device)
+        if all_ranks_max(float(not torch.isfinite(collected["rewards"]).all()), self.device):
             self._skip_step("the reward is NaN or infinite for some images")
             for _ in range(self.hparams.optimizer_steps_per_batch):
                 self._optimizer_step()
-            return
+            return None
         update_metrics = self._update(collected)
         elapsed = time.perf_counter() - started
         self._log_training(collected, update_metrics, elapsed)
+        # passed to callbacks' on_train_batch_end as ``outputs``
+        keys = ("rewards", "step_rewards", "advantages", "group_ids", "step_losses")
+        return {key: collected[key].detach() for key in keys}
 
     def _skip_step(self, reason: str) -> None:
         """Count a skipped (non-finite) step; stop after ``max_bad_steps`` in a row."""
@@ -420,7 +491,7 @@ class TPGRPOModule(LightningModule):
         metrics = {
             "train/reward_mean": final.mean(),
             "train/reward_std": final.std(unbiased=False),
-            "train/images_per_second": torch.tensor(final.numel() / elapsed),
+            "train/images_per_second": torch.tensor(final.numel() / elapsed * world_size()),  # all ranks
             "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
             "train/nfe_per_image": torch.tensor(float(collected["rollout"].nfe_per_image)),
         }
@@ -441,8 +512,8 @@ class TPGRPOModule(LightningModule):
         for t in range(advantages.shape[1]):
             metrics[f"per_step/advantage_abs_mean_{t}"] = advantages[:, t].abs().mean()
             metrics[f"per_step/step_reward_mean_{t}"] = collected["step_rewards"][:, t].mean()
-        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=final.numel())
-        self.log("reward", final.mean(), prog_bar=True, batch_size=final.numel())
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=final.numel(), sync_dist=True)
+        self.log("reward", final.mean(), prog_bar=True, batch_size=final.numel(), sync_dist=True)
         every = h.log_images_every_n_steps
         if every and self.global_step % every == 0:
             self._log_image_grid("train/samples", collected["images"], final)
@@ -469,30 +540,46 @@ class TPGRPOModule(LightningModule):
         return self.flow.decode(ode_sample(velocity_fn, noise, sigmas, h.rollout_max_batch))
 
     def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
-        images = self.sample(batch["prompts"], batch["seeds"])
-        scores = self.reward(images, list(batch["prompts"]), list(batch["metadata"]))
+        real = self._real_rows(batch)
+        images = self.sample(batch["prompts"], batch["seeds"])[real]
+        prompts = [p for p, keep in zip(batch["prompts"], real.tolist()) if keep]
+        metadata = [m for m, keep in zip(batch["metadata"], real.tolist()) if keep]
+        scores = self.reward(images, prompts, metadata) if prompts else {}
         for key, value in scores.items():
             applicable = value[~value.isnan()]  # NaN marks a check that does not apply to a prompt
             if applicable.numel():
                 self.log(f"{stage}/{key}", applicable.mean(), batch_size=applicable.numel(), sync_dist=True)
-        self._eval_outputs.append({k: v.cpu() for k, v in scores.items()})
-        if not self._eval_images:
-            self._eval_images = (images[:16].cpu(), scores["reward"][:16].cpu(), list(batch["prompts"][:16]))
+        if scores:
+            self._eval_outputs.append({k: v.cpu() for k, v in scores.items()})
+        if not self._eval_images and prompts:
+            self._eval_images = (images[:16].cpu(), scores["reward"][:16].cpu(), prompts[:16])
+
+    @staticmethod
+    def _real_rows(batch: Mapping[str, Any]) -> Tensor:
+        """Rows that are not padding (`tpgrpo.data.EvalSampler` pads ranks to equal batches)."""
+        return batch.get("real", torch.ones(len(batch["prompts"]), dtype=torch.bool)).cpu()
 
     def _start_eval(self) -> None:
         self._eval_outputs: list[dict[str, Tensor]] = []
         self._eval_images: tuple | None = None
 
     def _finish_eval(self, stage: str) -> None:
-        if not self._eval_outputs:
+        """Standard error of the mean reward over all ranks' images; the summary of this rank's scores."""
+        local = torch.cat([o["reward"] for o in self._eval_outputs]) if self._eval_outputs else torch.zeros(0)
+        # ranks may hold different numbers of images: gather them padded with NaN to the largest count
+        length = int(all_ranks_max(local.numel(), self.device))
+        padded = torch.full((length,), float("nan"), device=self.device)
+        padded[: local.numel()] = local.to(self.device)
+        rewards = gather_rows(padded).float()
+        rewards = rewards[~rewards.isnan()]
+        if not rewards.numel():
             return
-        rewards = torch.cat([o["reward"] for o in self._eval_outputs])
-        rewards = self.all_gather(rewards.to(self.device)).flatten().float()
         stderr = rewards.std() / rewards.numel() ** 0.5 if rewards.numel() > 1 else torch.zeros(())
         self.log(f"{stage}/reward_stderr", stderr, sync_dist=False, rank_zero_only=True)
-        self.eval_summary = {
-            key: torch.cat([o[key] for o in self._eval_outputs]).float() for key in self._eval_outputs[0]
-        }
+        if self._eval_outputs:
+            self.eval_summary = {
+                key: torch.cat([o[key] for o in self._eval_outputs]).float() for key in self._eval_outputs[0]
+            }
         if self._eval_images is not None:
             self._log_image_grid(f"{stage}/samples", *self._eval_images)
 
@@ -523,7 +610,9 @@ class TPGRPOModule(LightningModule):
         out.mkdir(parents=True, exist_ok=True)
         images = self.sample(batch["prompts"], batch["seeds"])
         paths = []
-        for image, index, seed in zip(images, batch["index"], batch["seeds"]):
+        for image, index, seed, real in zip(images, batch["index"], batch["seeds"], self._real_rows(batch)):
+            if not real:
+                continue
             path = out / f"{int(index):05d}_seed{int(seed)}.png"
             save_image(image, path)
             paths.append(str(path))
@@ -546,7 +635,9 @@ class TPGRPOModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's LoRA fits this model (loading is not strict), restore counters and RNGs."""
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        saved = checkpoint.get("state_dict", {})
+        saved = checkpoint.get("state_dict")
+        if saved is None:  # fsdp2 loads the weights itself and passes on the rest
+            saved = dict(own)
         missing = sorted(set(own) - set(saved))
         wrong = [(k, tuple(saved[k].shape), tuple(p.shape)) for k, p in own.items() if k in saved and saved[k].shape != p.shape]
         if missing or wrong:

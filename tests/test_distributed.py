@@ -1,0 +1,118 @@
+"""Multi-process training on CPU (gloo) through the CLI: DDP and FSDP2 against one process.
+
+Two ranks with 2 prompts each must compute what one process computes with the same 4 prompts:
+the same rewards, advantages and step losses (`tests.helpers.record.RecordSteps` writes what
+every rank's training step returned), and the same trained LoRA. Checkpoints cross over.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fit(tmp_path: Path, name: str, devices: int, strategy: str, *extra: str) -> Path:
+    """Run ``train.py fit`` (2 optimizer steps on the shipped model, 4 prompts × 4 images in all); return its folder."""
+    out = tmp_path / name
+    args = [
+        sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
+        "--model.num_steps=3", "--model.eval_num_steps=2", "--model.window_size=2", "--model.window_range=[0, 3]",
+        "--model.lora_rank=4", "--model.lora_alpha=8", "--model.log_images_every_n_steps=0",
+        "--model.balance_scope=global",  # the spec balances per rank batch; global balancing is layout-free
+        "--model.adam_eps=1e-4",  # near-zero gradients: Adam's default eps turns float noise into full-size steps
+        "--data.val_prompts=null", "--data.group_size=4", f"--data.prompts_per_step={4 // devices}",
+        "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+        f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
+        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out / 'logs'}",
+        f"--trainer.callbacks+={{class_path: tests.helpers.record.RecordSteps, init_args: {{directory: {out / 'steps'}}}}}",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def steps(run: Path, ranks: int) -> dict[str, torch.Tensor]:
+    """The first batch's outputs of all ranks: rows concatenated in rank order, step losses summed."""
+    parts = [load_file(run / "steps" / f"rank{rank}_batch0.safetensors") for rank in range(ranks)]
+    joined = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "step_losses"}
+    joined["step_losses"] = sum(p["step_losses"] for p in parts)
+    return joined
+
+
+def lora(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "logs" / "tpgrpo" / "version_0" / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def checkpoint_lora(run: Path) -> dict[str, torch.Tensor]:
+    path = run / "logs" / "tpgrpo" / "version_0" / "checkpoints" / "last.ckpt"
+    return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("one"), "one", 1, "auto")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_compute_what_one_process_computes(tmp_path, one_process, strategy):
+    run = fit(tmp_path, strategy, 2, strategy)
+    single, double = steps(one_process, 1), steps(run, 2)
+    assert torch.equal(single["group_ids"], double["group_ids"])  # rank 0 holds groups 0-1, rank 1 groups 2-3
+    assert len(set(double["group_ids"][:8].tolist()) & set(double["group_ids"][8:].tolist())) == 0
+    torch.testing.assert_close(double["rewards"], single["rewards"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(double["advantages"], single["advantages"], rtol=0, atol=1e-5)
+    assert single["advantages"].abs().sum() > 0, "no learning signal: the comparison would be empty"
+    torch.testing.assert_close(double["step_losses"], single["step_losses"], rtol=1e-4, atol=1e-7)
+
+    # the trained LoRA: equal up to float summation order, far below the size of the update
+    # (lora_B starts at zero, so its size is what training moved)
+    single_lora, double_lora = lora(one_process), lora(run)
+    assert single_lora.keys() == double_lora.keys()
+    moved = max(value.abs().max() for key, value in single_lora.items() if "lora_B" in key)
+    differ = max((single_lora[k] - double_lora[k]).abs().max() for k in single_lora)
+    assert moved > 1e-3
+    assert differ < 1e-3 * moved, f"{strategy} LoRA differs from the one-process LoRA by {differ} (update {moved})"
+
+
+def test_checkpoints_cross_between_one_and_two_processes(tmp_path, one_process):
+    """A fsdp2 run resumes from the one-process checkpoint and the other way round, weights intact."""
+    sharded = fit(tmp_path, "fsdp2", 2, "fsdp2")
+    # resuming at the checkpoint's own step trains nothing: the exported LoRA is the loaded one
+    for source, devices, strategy in [(one_process, 2, "fsdp2"), (sharded, 1, "auto")]:
+        ckpt = source / "logs" / "tpgrpo" / "version_0" / "checkpoints" / "last.ckpt"
+        resumed = fit(tmp_path, f"from-{source.name}", devices, strategy, f"--ckpt_path={ckpt}")
+        expected, got = lora(source), lora(resumed)
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected), f"{strategy} did not restore {ckpt}"
+    # the fsdp2 checkpoint is one file with the LoRA only (no frozen base weights)
+    state = checkpoint_lora(sharded)
+    assert state and all("lora_" in key for key in state)
+
+
+@pytest.mark.parametrize("scope", ["rank", "global"])
+def test_balance_scope_balances_over_this_rank_or_all_ranks(monkeypatch, tiny_model_dir, scope):
+    """Rank 0 of 2: "rank" balances its own rows alone, "global" balances them together with rank 1's."""
+    import tpgrpo.module as module_file
+    from tpgrpo import credit
+    from tpgrpo.module import TPGRPOModule
+
+    model = TPGRPOModule(pretrained_path=str(tiny_model_dir), num_steps=3, window_size=2, balance_scope=scope)
+    # this rank: two rising rows with a turning point at step 0; the other rank: one falling such row,
+    # so balancing over both ranks keeps one rising turning point (the row with the larger rise)
+    own = torch.tensor([[0.1, 0.3, 0.5], [0.2, 0.3, 0.7], [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]])
+    other = torch.tensor([[0.9, 0.7, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
+    monkeypatch.setattr(module_file, "world_size", lambda: 2)
+    monkeypatch.setattr(module_file, "gather_rows", lambda t: torch.cat([t, t if t.dtype == torch.long else other]))
+    per_step, _ = model._credit(own, torch.tensor([0, 0, 1, 1]))
+    alone = credit.turning_point_rewards(own)
+    together = credit.turning_point_rewards(torch.cat([own, other]))[:4]
+    assert credit.turning_points(own).sum() == 2
+    assert credit.turning_points(torch.cat([own, other]))[:4].nonzero().tolist() == [[1, 0]]
+    torch.testing.assert_close(per_step, alone if scope == "rank" else together)
