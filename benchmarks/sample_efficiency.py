@@ -12,43 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rollout import machine  # noqa: E402
 from tpgrpo.cli import build_cli  # noqa: E402
-from tpgrpo.demo import mean_and_stderr  # noqa: E402
+from tpgrpo.curves import HeldOutCurve, plot_curves  # noqa: E402
 
 METHODS = ("tp", "outcome")
-
-
-class HeldOutCurve(Callback):
-    """Records (optimizer step, training seconds, held-out reward, stderr) after every validation."""
-
-    def __init__(self):
-        self.points: list[dict] = []
-        self.training_seconds = 0.0
-        self._started: float | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._started = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.training_seconds += time.perf_counter() - self._started
-
-    def on_validation_end(self, trainer, pl_module):
-        mean, stderr = mean_and_stderr(pl_module.eval_summary["reward"])
-        self.points.append(
-            {"step": trainer.global_step, "seconds": self.training_seconds, "reward": mean, "stderr": stderr}
-        )
+LABELS = {"tp": "TP-GRPO", "outcome": "Flow-GRPO"}
 
 
 def run_one(config: str, method: str, seed: int, steps: int, eval_every: int, extra: list[str]) -> list[dict]:
@@ -79,29 +56,6 @@ def steps_to_reach(points: list[dict], target: float) -> int | None:
     return next((p["step"] for p in points if p["reward"] >= target), None)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for method, colour in zip(METHODS, ("tab:red", "tab:blue")):
-        for seed, points in results[method].items():
-            label = f"{'TP-GRPO' if method == 'tp' else 'Flow-GRPO'} (seed {seed})"
-            for axis, x in zip(axes, ("step", "seconds")):
-                axis.errorbar([p[x] for p in points], [p["reward"] for p in points],
-                              yerr=[p["stderr"] for p in points], color=colour, alpha=0.8, label=label, capsize=2)
-    axes[0].set_xlabel("optimizer steps")
-    axes[1].set_xlabel("training seconds")
-    for axis in axes:
-        axis.set_ylabel("held-out reward")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -123,8 +77,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "machine": machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "args": {**vars(args), "extra": extra},
         "base_reward": base,
         "final_reward": final,
@@ -134,7 +87,8 @@ def main() -> None:
     }
     out.write_text(json.dumps(summary, indent=2))
     try:
-        plot(results, out.with_suffix(".png"))
+        curves = {f"{LABELS[m]} (seed {seed})": points for m in METHODS for seed, points in results[m].items()}
+        plot_curves(curves, out.with_suffix(".png"), x=("step", "seconds"))
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
     print(

@@ -60,9 +60,13 @@ def one_process(tmp_path_factory):
     return fit(tmp_path_factory.mktemp("one"), "one", 1, "auto")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_compute_what_one_process_computes(tmp_path, one_process, strategy):
-    run = fit(tmp_path, strategy, 2, strategy)
+@pytest.mark.parametrize(
+    "strategy, options",
+    [("ddp", ()), ("fsdp2", ()), ("fsdp2", ("--model.gradient_checkpointing=true",))],
+    ids=["ddp", "fsdp2", "fsdp2-activation-checkpointing"],
+)
+def test_two_ranks_compute_what_one_process_computes(tmp_path, one_process, strategy, options):
+    run = fit(tmp_path, strategy, 2, strategy, *options)
     single, double = steps(one_process, 1), steps(run, 2)
     assert torch.equal(single["group_ids"], double["group_ids"])  # rank 0 holds groups 0-1, rank 1 groups 2-3
     assert len(set(double["group_ids"][:8].tolist()) & set(double["group_ids"][8:].tolist())) == 0
@@ -94,6 +98,15 @@ def test_checkpoints_cross_between_one_and_two_processes(tmp_path, one_process):
     # the fsdp2 checkpoint is one file with the LoRA only (no frozen base weights)
     state = checkpoint_lora(sharded)
     assert state and all("lora_" in key for key in state)
+
+
+def test_fsdp2_with_bf16_mixed_precision_trains(tmp_path):
+    run = fit(tmp_path, "bf16", 2, "fsdp2", "--trainer.precision=bf16-mixed")
+    outputs = steps(run, 2)
+    assert torch.isfinite(outputs["step_losses"]).all()
+    weights = lora(run)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert max(w.abs().max() for k, w in weights.items() if "lora_B" in k) > 0  # lora_B left zero
 
 
 @pytest.mark.parametrize("scope", ["rank", "global"])

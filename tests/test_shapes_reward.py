@@ -92,6 +92,11 @@ def test_extra_objects_fail_strict():
     out = score([two, two], images)
     assert out["shapes/strict"].tolist() == [0.0, 1.0]
     assert out["shapes/extra"][0].item() == pytest.approx(2 / 3) and out["shapes/extra"][1].item() == 1.0
+    # checks: count circle, count square, extra -> plain mean (1 + 1 + 2/3) / 3; as a factor 1 × 2/3
+    assert out["shapes"][0].item() == pytest.approx((2 + 2 / 3) / 3)
+    factor = ShapesReward(extra_as_factor=True)(images, [two["prompt"]] * 2, [two, two])
+    assert factor["shapes"].tolist() == pytest.approx([2 / 3, 1.0])
+    assert torch.equal(factor["shapes/strict"], out["shapes/strict"])
 
 
 def test_partial_credit_is_graded():

@@ -39,6 +39,15 @@ def _parser_kwargs(run: bool, exit_on_error: bool = True) -> dict:
 class TPGRPOCLI(LightningCLI):
     """LightningCLI with the checks that need both the model's and the data's settings."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the settings of the config and command line when ``--ckpt_path`` is given.
+
+        Lightning would replace every ``model.*`` setting with the checkpoint's, silently dropping
+        overrides such as ``--model.predict_dir`` or a new learning rate. Here the checkpoint
+        supplies weights and training state only; a LoRA that does not fit the configured model
+        is a clear error (`TPGRPOModule.on_load_checkpoint`).
+        """
+
     def before_fit(self) -> None:
         check_model_and_data(self.model, self.datamodule)
 

@@ -4,8 +4,9 @@
 
 It uses the same CLI and config as ``train.py fit``. Before and after training it samples the
 held-out prompts (``data.val_prompts``) with fixed seeds, prints the mean reward with its
-standard error, and writes ``before_after.png`` (the same prompts and seeds before and after)
-and ``demo.json`` into ``--out`` (default ``outputs/demo``).
+standard error, and writes ``before_after.png`` (the same prompts and seeds before and after),
+``reward_curve.png`` (held-out reward at every validation) and ``demo.json`` into ``--out``
+(default ``outputs/demo``).
 """
 from __future__ import annotations
 
@@ -19,17 +20,9 @@ from pathlib import Path
 import torch
 
 from tpgrpo.cli import build_cli
+from tpgrpo.curves import HeldOutCurve, mean_and_stderr, plot_curves
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import image_grid, save_image
-
-
-def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean of a 1-D tensor, ignoring NaN (checks that do not apply)."""
-    values = values.double()
-    values = values[~values.isnan()]
-    if values.numel() < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
 def _evaluate(cli) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:
@@ -62,6 +55,8 @@ def run(argv: list[str]) -> dict:
     showcase_prompts = list(datamodule.prompt_sets["validate"].prompts[:8])
     showcase_seeds = torch.zeros(len(showcase_prompts), dtype=torch.long)
 
+    curve = HeldOutCurve()
+    cli.trainer.callbacks.append(curve)
     started = time.perf_counter()
     before, before_rewards = _evaluate(cli)
     before_images = _showcase(cli.model, showcase_prompts, showcase_seeds)
@@ -75,6 +70,8 @@ def run(argv: list[str]) -> dict:
 
     grid = image_grid(torch.cat([before_images, after_images]), columns=len(showcase_prompts))
     save_image(grid, out / "before_after.png", scale=4)
+    points = list({p["step"]: p for p in curve.points}.values())  # the final evaluation repeats the last one
+    plot_curves({f"TP-GRPO ({cli.model.hparams.credit} credit)": points}, out / "reward_curve.png")
     mean_before, err_before = before["reward"]
     mean_after, err_after = after["reward"]
     rise_in_stderr = (mean_after - mean_before) / math.hypot(err_before, err_after)
@@ -89,6 +86,7 @@ def run(argv: list[str]) -> dict:
         "rise_in_paired_stderr": (mean_after - mean_before) / paired_err,
         "train_steps": cli.trainer.global_step,
         "seconds": time.perf_counter() - started,
+        "curve": points,
         "showcase_prompts": showcase_prompts,
         "log_dir": cli.trainer.log_dir,
     }
@@ -97,7 +95,7 @@ def run(argv: list[str]) -> dict:
         f"reward {mean_before:.3f} ± {err_before:.3f} -> {mean_after:.3f} ± {err_after:.3f} "
         f"({rise_in_stderr:+.1f} standard errors; {summary['rise_in_paired_stderr']:+.1f} paired) "
         f"in {summary['seconds'] / 60:.1f} min; "
-        f"grid: {out / 'before_after.png'} (top row before, bottom row after); "
+        f"grid: {out / 'before_after.png'} (top row before, bottom row after), curve: {out / 'reward_curve.png'}; "
         f"TensorBoard: tensorboard --logdir {cli.trainer.logger.save_dir}"
     )
     return summary

@@ -24,7 +24,10 @@ Checks of a GenEval record (`tpgrpo.tiny.scenes`), each in [0, 1], for include e
 - extra (every record): min(1, objects asked for / objects found). GenEval tolerates extra
   objects; here it would let clutter (e.g. a random model's colour noise) pass any prompt.
 
-``"shapes"`` is the mean of a record's checks (a dense score); ``"shapes/strict"`` is 1 when all
+``"shapes"`` is the mean of a record's checks (a dense score), or with ``extra_as_factor`` the
+mean of the other checks times the extra check: clutter then costs in proportion to the share of
+objects that were not asked for, instead of being outweighed by the checks it helps pass (a policy
+trained on the plain mean learns to draw more objects). ``"shapes/strict"`` is 1 when all
 of them pass (GenEval's correctness). ``"shapes/<check>"`` is the mean of that kind of check,
 NaN for records without one (use nanmean to aggregate).
 """
@@ -217,6 +220,7 @@ class ShapesReward(Reward):
         triangle_fill: float = 0.62,
         triangle_drop: float = 0.06,
         square_corners: float = 0.6,
+        extra_as_factor: bool = False,
     ):
         super().__init__()
         if not 0 < chroma_threshold < 1 or not 0 <= min_area < 1:
@@ -225,6 +229,14 @@ class ShapesReward(Reward):
             chroma_threshold=chroma_threshold, min_area=min_area, triangle_fill=triangle_fill,
             triangle_drop=triangle_drop, square_corners=square_corners,
         )
+        self.extra_as_factor = extra_as_factor
+
+    def dense(self, checks: Mapping[str, list[float]]) -> float:
+        """The ``"shapes"`` score of one image's checks (see the module docstring)."""
+        if not self.extra_as_factor:
+            return float(np.mean([v for values in checks.values() for v in values]))
+        asked = [v for name, values in checks.items() if name != "extra" for v in values]
+        return float(np.mean(asked)) * float(np.prod(checks["extra"]))
 
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]
@@ -234,7 +246,7 @@ class ShapesReward(Reward):
         rows = [check_record(objects, record) for objects, record in zip(detections, metadata)]
         values = [[v for vs in row.values() for v in vs] for row in rows]
         out = {
-            "shapes": [float(np.mean(v)) for v in values],
+            "shapes": [self.dense(row) for row in rows],
             "shapes/strict": [float(all(x == 1.0 for x in v)) for v in values],
             **{f"shapes/{c}": [float(np.mean(row[c])) if row[c] else math.nan for row in rows] for c in CHECKS},
         }

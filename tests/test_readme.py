@@ -1,0 +1,233 @@
+"""Every command in the README (and the model card) is checked here.
+
+Commands that run offline are run, shortened with overrides (fewer steps, tiny batches, output
+under a temporary folder); commands that need real weights or a cluster are checked with
+``--print_config`` or ``--help``. `CHECKS` maps every command to its check, and a command
+without one fails `test_every_documented_command_has_a_check`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "tpgrpo" / "tiny" / "MODEL_CARD.md"]
+COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
+
+# Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.
+SHORT_FIT = [
+    "--trainer.max_steps=2", "--model.num_steps=3", "--model.eval_num_steps=2", "--model.window_size=2",
+    "--model.window_range=[0, 3]", "--data.prompts_per_step=2", "--data.group_size=4", "--data.eval_seeds=1",
+    "--data.eval_batch_size=8", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+    "--trainer.limit_predict_batches=1", "--trainer.enable_progress_bar=false",
+]
+
+
+def documented_commands() -> list[str]:
+    """Shell commands of the docs: lines of ```bash blocks and inline code spans that start like one."""
+    commands: list[str] = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.split(r"\s#\s", line)[0].strip()
+                if line and not line.startswith("#"):
+                    commands.append(" ".join(line.split()))
+        for span in re.findall(r"`([^`\n]+)`", text):
+            if COMMAND_START.match(span):
+                commands.append(" ".join(span.split()))
+    return list(dict.fromkeys(commands))
+
+
+def run(argv: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
+    result = subprocess.run(argv, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{shlex.join(argv)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def python_argv(command: str, placeholders: dict[str, str]) -> list[str]:
+    """The command's arguments with placeholders filled in and ``python`` the test's interpreter."""
+    for placeholder, value in placeholders.items():
+        command = command.replace(placeholder, value)
+    argv = shlex.split(command)
+    assert argv[0] == "python", command
+    return [sys.executable, *argv[1:]]
+
+
+def needs_real_weights(command: str) -> bool:
+    return "configs/sd3.yaml" in command or "configs/flux.yaml" in command or "/models/" in command
+
+
+# ----------------------------------------------------------------------------- the checks
+def check_print_config(command: str, work: Path) -> None:
+    """Real weights cannot be downloaded here: the command must parse, with its overrides applied."""
+    argv = python_argv(command, {})
+    argv = [a for a in argv if a != "--print_config"] + ["--print_config"]
+    printed = run(argv).stdout
+    assert "pretrained_path:" in printed and "strategy:" in printed
+    for option in re.findall(r"--(model\.[\w.]+|data\.[\w.]+|trainer\.[\w.]+)[ =](\S+)", command):
+        key, value = option[0].rsplit(".", 1)[1], option[1].strip("'\"")
+        if not value.startswith("{"):
+            assert re.search(rf"^\s*{key}: .*{re.escape(value)}", printed, re.M), (key, value)
+
+
+def check_fit(command: str, work: Path, checkpoint: Path) -> None:
+    prompts = work / "prompts.txt"
+    prompts.write_text("a photo of a red circle\na photo of two blue squares\n")
+    argv = python_argv(command, {"…": "configs/tiny.yaml", "<ckpt>": str(checkpoint), "prompts.txt": str(prompts)})
+    out = work / "run"
+    extra = [f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out / 'logs'}"]
+    if " predict " in command:
+        extra.append(f"--model.predict_dir={out / 'predict'}")
+    if "--ckpt_path last" in command:  # resume: a first run leaves a last.ckpt of this experiment
+        first = [a for a in argv if a not in ("--ckpt_path", "last")]
+        run([*first, *SHORT_FIT, *extra])
+        extra.append("--trainer.max_steps=4")
+    if "--trainer.devices 2" in command:
+        extra.append("--data.val_prompts=null")
+    run([*argv, *SHORT_FIT, *extra])
+    if " predict " in command:
+        assert len(list((out / "predict").glob("*.png"))) == 2
+
+
+def check_export(command: str, work: Path, checkpoint: Path) -> None:
+    target = work / "my_lora"
+    run(python_argv(command, {"<path>/last.ckpt": str(checkpoint), "my_lora": str(target)}))
+    assert (target / "pytorch_lora_weights.safetensors").is_file()
+
+
+def check_demo(command: str, work: Path) -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*\n\t\$\(BIN\)/(python -m tpgrpo\.demo .*)$", makefile, re.M).group(1)
+    argv = python_argv(recipe, {})
+    result = run([*argv, f"--out={work / 'demo'}", *SHORT_FIT, "--data.val_prompts=data/shapes/test.jsonl",
+                  f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work / 'logs'}"])
+    assert "held-out before training" in result.stdout and "standard errors" in result.stdout
+    for name in ("before_after.png", "reward_curve.png", "demo.json"):
+        assert (work / "demo" / name).is_file(), name
+
+
+def check_make_target(command: str, work: Path) -> None:
+    """``make test`` is this suite, ``make install-ocr`` needs apt: the targets exist and do what the docs say."""
+    target = command.split()[1]
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    expected = {"test": "pytest", "install-ocr": "tesseract-ocr", "bench": "benchmarks/"}[target]
+    assert expected in recipe
+
+
+def check_tensorboard(command: str, work: Path) -> None:
+    run([str(Path(sys.executable).with_name("tensorboard")), "--version"])
+
+
+def check_help(command: str, work: Path) -> None:
+    """Servers and cluster launchers: the Python entry point they start answers ``--help``."""
+    module = re.search(r"(?:-m (\S+)|(\S+\.py))", command)
+    argv = [sys.executable, "-m", module.group(1)] if module.group(1) else [sys.executable, module.group(2)]
+    run([*argv, "--help"])
+
+
+def check_torchrun(command: str, work: Path) -> None:
+    """One node, two CPU processes: torchrun starts the ranks, Lightning joins them (the tiny model
+    stands in for a real-weight config)."""
+    argv = shlex.split(command.replace("configs/sd3.yaml", "configs/tiny.yaml").replace("configs/flux.yaml", "configs/tiny.yaml"))
+    assert argv[0] == "torchrun"
+    node_args = ["--nnodes=1", "--nproc-per-node=2", "--standalone"]
+    script_at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    overrides = [a for a in argv[script_at + 1 :] if not a.startswith("--trainer.num_nodes")]
+    out = work / "torchrun"
+    run([sys.executable, "-m", "torch.distributed.run", *node_args, argv[script_at], *overrides,
+         "--trainer.num_nodes=1", "--trainer.devices=2", "--trainer.accelerator=cpu", "--data.val_prompts=null",
+         *SHORT_FIT, f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out / 'logs'}"])
+
+
+def check_pretrain(command: str, work: Path) -> None:
+    run(python_argv(command, {"tpgrpo/tiny/model": str(work / "model")})
+        + ["--minutes=0.3", "--vae-minutes=0.05", "--pool=64", "--batch=8", "--layers=1"])
+    assert (work / "model" / "model_index.json").is_file()
+
+
+def check_evaluate(command: str, work: Path) -> None:
+    prompts = work / "few.jsonl"
+    prompts.write_text("".join((ROOT / "data" / "shapes" / "test.jsonl").read_text().splitlines(True)[:4]))
+    run(python_argv(command, {"data/shapes/test.jsonl": str(prompts)}) + ["--seeds=1", f"--json={work / 'eval.json'}"])
+    assert (work / "eval.json").is_file()
+
+
+def check_benchmark(command: str, work: Path) -> None:
+    argv = python_argv(command, {})
+    if "rollout.py" in argv[1]:
+        extra = ["--cases=tiny", "--repeats=1", "--group=2", f"--out={work / 'rollout.json'}"]
+    else:
+        extra = ["--steps=2", "--seeds=0", "--eval-every=1", f"--out={work / 'efficiency.json'}", "--",
+                 *SHORT_FIT[1:], "--data.eval_batch_size=8", "--trainer.limit_val_batches=1"]
+    run([*argv, *extra])
+
+
+SLOW = {"check_pretrain", "check_benchmark", "check_torchrun"}
+
+
+def check_for(command: str):
+    """The check of one documented command (None: no check, which fails the test below)."""
+    if command == "make demo":
+        return check_demo
+    if command.startswith("make "):
+        return check_make_target
+    if command.startswith("tensorboard "):
+        return check_tensorboard
+    if command.startswith("torchrun "):
+        return check_torchrun
+    if command.startswith(("srun ", "sbatch ")) or "geneval_server" in command:
+        return check_help
+    if command.startswith("python train.py ") and needs_real_weights(command):
+        return check_print_config
+    if command.startswith("python train.py "):
+        return check_fit
+    if command.startswith("python -m tpgrpo.export "):
+        return check_export
+    if command.startswith("python -m tpgrpo.tiny.pretrain"):
+        return check_pretrain
+    if command.startswith("python -m tpgrpo.tiny.evaluate"):
+        return check_evaluate
+    if command.startswith("python benchmarks/"):
+        return check_benchmark
+    return None
+
+
+def test_every_documented_command_has_a_check():
+    commands = documented_commands()
+    assert "make demo" in commands and any(c.startswith("python train.py fit") for c in commands)
+    unchecked = [c for c in commands if check_for(c) is None]
+    assert not unchecked, f"README commands without a check in tests/test_readme.py: {unchecked}"
+
+
+def _params():
+    for command in documented_commands():
+        check = check_for(command)
+        if check is not None:
+            marks = [pytest.mark.slow] if check.__name__ in SLOW else []
+            yield pytest.param(command, check, marks=marks, id=command[:80])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A last.ckpt of a short fit on the shipped model, for commands that take a checkpoint."""
+    out = tmp_path_factory.mktemp("readme_checkpoint")
+    run([sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", *SHORT_FIT,
+         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out / 'logs'}"])
+    return next(out.glob("logs/*/version_*/checkpoints/last.ckpt"))
+
+
+@pytest.mark.parametrize("command, check", list(_params()))
+def test_documented_command_works(command, check, tmp_path, request):
+    if check in (check_fit, check_export):
+        check(command, tmp_path, request.getfixturevalue("checkpoint"))
+    else:
+        check(command, tmp_path)
