@@ -22,10 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.rollout import machine  # noqa: E402
 from tpgrpo.cli import build_cli  # noqa: E402
-from tpgrpo.curves import HeldOutCurve, plot_curves  # noqa: E402
+from tpgrpo.curves import CREDIT_LABELS, HeldOutCurve, plot_curves  # noqa: E402
 
 METHODS = ("tp", "outcome")
-LABELS = {"tp": "TP-GRPO", "outcome": "Flow-GRPO"}
 
 
 def run_one(config: str, method: str, seed: int, steps: int, eval_every: int, extra: list[str]) -> list[dict]:
@@ -71,32 +70,42 @@ def main() -> None:
         for seed in args.seeds:
             results[method][seed] = run_one(args.config, method, seed, args.steps, args.eval_every, extra)
 
-    base = sum(points[0]["reward"] for points in results["tp"].values()) / len(args.seeds)
-    final = {m: sum(p[-1]["reward"] for p in results[m].values()) / len(args.seeds) for m in METHODS}
-    target = base + 0.5 * (max(final.values()) - base)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "machine": machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "args": {**vars(args), "extra": extra},
-        "base_reward": base,
-        "final_reward": final,
-        "target": target,
-        "steps_to_target": {m: {s: steps_to_reach(p, target) for s, p in results[m].items()} for m in METHODS},
+        **summarize(results),
         "curves": results,
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     try:
-        curves = {f"{LABELS[m]} (seed {seed})": points for m in METHODS for seed, points in results[m].items()}
+        curves = {f"{CREDIT_LABELS[m]} (seed {seed})": points for m in METHODS for seed, points in results[m].items()}
         plot_curves(curves, out.with_suffix(".png"), x=("step", "seconds"))
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
-    print(
-        f"held-out reward {base:.3f} -> TP-GRPO {final['tp']:.3f}, Flow-GRPO {final['outcome']:.3f} after "
-        f"{args.steps} optimizer steps ({len(args.seeds)} seeds); steps to {target:.3f}: "
-        f"{summary['steps_to_target']}; {out}"
-    )
+    print(f"{summary_line(summary)}; {out}")
 
+
+def summarize(results: dict[str, dict[int, list[dict]]]) -> dict:
+    """Seed-averaged base and final held-out reward per method, and the steps each seed took to
+    cover half of the best method's rise (None when no method rose above the base)."""
+    seeds = len(results["tp"])
+    base = sum(points[0]["reward"] for points in results["tp"].values()) / seeds
+    final = {m: sum(p[-1]["reward"] for p in results[m].values()) / seeds for m in METHODS}
+    best = max(final.values())
+    target = base + 0.5 * (best - base) if best > base else None
+    reach = {m: {s: steps_to_reach(p[1:], target) if target else None for s, p in results[m].items()} for m in METHODS}
+    return {"base_reward": base, "final_reward": final, "target": target, "steps_to_target": reach}
+
+
+def summary_line(summary: dict) -> str:
+    final, steps = summary["final_reward"], summary["args"]["steps"]
+    line = (f"held-out reward {summary['base_reward']:.3f} -> TP-GRPO {final['tp']:.3f}, Flow-GRPO "
+            f"{final['outcome']:.3f} after {steps} optimizer steps ({len(summary['args']['seeds'])} seeds)")
+    if summary["target"] is None:
+        return line + "; neither method rose above the base"
+    return line + f"; steps to {summary['target']:.3f}: {summary['steps_to_target']}"
 
 if __name__ == "__main__":
     main()

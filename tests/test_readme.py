@@ -178,27 +178,20 @@ def check_for(command: str):
     """The check of one documented command (None: no check, which fails the test below)."""
     if command == "make demo":
         return check_demo
-    if command.startswith("make "):
-        return check_make_target
-    if command.startswith("tensorboard "):
-        return check_tensorboard
-    if command.startswith("torchrun "):
-        return check_torchrun
     if command.startswith(("srun ", "sbatch ")) or "geneval_server" in command:
         return check_help
-    if command.startswith("python train.py ") and needs_real_weights(command):
-        return check_print_config
     if command.startswith("python train.py "):
-        return check_fit
-    if command.startswith("python -m tpgrpo.export "):
-        return check_export
-    if command.startswith("python -m tpgrpo.tiny.pretrain"):
-        return check_pretrain
-    if command.startswith("python -m tpgrpo.tiny.evaluate"):
-        return check_evaluate
-    if command.startswith("python benchmarks/"):
-        return check_benchmark
-    return None
+        return check_print_config if needs_real_weights(command) else check_fit
+    by_prefix = {
+        "make ": check_make_target,
+        "tensorboard ": check_tensorboard,
+        "torchrun ": check_torchrun,
+        "python -m tpgrpo.export ": check_export,
+        "python -m tpgrpo.tiny.pretrain": check_pretrain,
+        "python -m tpgrpo.tiny.evaluate": check_evaluate,
+        "python benchmarks/": check_benchmark,
+    }
+    return next((check for prefix, check in by_prefix.items() if command.startswith(prefix)), None)
 
 
 def test_every_documented_command_has_a_check():

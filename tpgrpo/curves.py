@@ -9,6 +9,9 @@ import torch
 from lightning.pytorch import Callback
 
 
+CREDIT_LABELS = {"tp": "TP-GRPO", "outcome": "Flow-GRPO"}
+
+
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     """Mean and standard error of the mean of a 1-D tensor, ignoring NaN (checks that do not apply)."""
     values = values.double()

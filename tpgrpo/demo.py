@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tpgrpo.cli import build_cli
-from tpgrpo.curves import HeldOutCurve, mean_and_stderr, plot_curves
+from tpgrpo.curves import CREDIT_LABELS, HeldOutCurve, mean_and_stderr, plot_curves
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import image_grid, save_image
 
@@ -71,7 +71,7 @@ def run(argv: list[str]) -> dict:
     grid = image_grid(torch.cat([before_images, after_images]), columns=len(showcase_prompts))
     save_image(grid, out / "before_after.png", scale=4)
     points = list({p["step"]: p for p in curve.points}.values())  # the final evaluation repeats the last one
-    plot_curves({f"TP-GRPO ({cli.model.hparams.credit} credit)": points}, out / "reward_curve.png")
+    plot_curves({CREDIT_LABELS.get(cli.model.hparams.credit, cli.model.hparams.credit): points}, out / "reward_curve.png")
     mean_before, err_before = before["reward"]
     mean_after, err_after = after["reward"]
     rise_in_stderr = (mean_after - mean_before) / math.hypot(err_before, err_after)

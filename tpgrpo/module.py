@@ -208,6 +208,11 @@ class TPGRPOModule(LightningModule):
 
     def configure_model(self) -> None:
         """Under ``strategy: fsdp2``: shard each transformer block over the ranks (bf16 compute with bf16 precision)."""
+        if type(self.trainer.strategy).__name__ == "FSDPStrategy":
+            rank_zero_warn(
+                "strategy fsdp (FSDP1) has not been checked with this module (it needs GPUs, and several backward "
+                "passes per step meet FSDP1's resharding); strategy fsdp2 is the tested way to shard"
+            )
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy only
         if mesh is None or is_sharded(self.transformer):
             return
