@@ -141,11 +141,24 @@ def check_torchrun(command: str, work: Path) -> None:
     assert argv[0] == "torchrun"
     node_args = ["--nnodes=1", "--nproc-per-node=2", "--standalone"]
     script_at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
-    overrides = [a for a in argv[script_at + 1 :] if not a.startswith("--trainer.num_nodes")]
+    overrides = drop_options(argv[script_at + 1 :], ("--trainer.num_nodes", "--trainer.devices"))
     out = work / "torchrun"
     run([sys.executable, "-m", "torch.distributed.run", *node_args, argv[script_at], *overrides,
          "--trainer.num_nodes=1", "--trainer.devices=2", "--trainer.accelerator=cpu", "--data.val_prompts=null",
          *SHORT_FIT, f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out / 'logs'}"])
+
+
+def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` without the options ``names``, given as ``--name value`` or ``--name=value``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(f"{name}=" for name in names)):
+            kept.append(arg)
+    return kept
 
 
 def check_pretrain(command: str, work: Path) -> None:
@@ -163,12 +176,12 @@ def check_evaluate(command: str, work: Path) -> None:
 
 def check_benchmark(command: str, work: Path) -> None:
     argv = python_argv(command, {})
+    script, cli = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     if "rollout.py" in argv[1]:
-        extra = ["--cases=tiny", "--repeats=1", "--group=2", f"--out={work / 'rollout.json'}"]
-    else:
-        extra = ["--steps=2", "--seeds=0", "--eval-every=1", f"--out={work / 'efficiency.json'}", "--",
-                 *SHORT_FIT[1:], "--data.eval_batch_size=8", "--trainer.limit_val_batches=1"]
-    run([*argv, *extra])
+        run([*script, "--cases=tiny", "--repeats=1", "--group=2", f"--out={work / 'rollout.json'}"])
+    else:  # later options win: the command's own, shortened; its training overrides, then shorter ones
+        shorter = ["--steps=2", "--seeds", "0", "--eval-every=1", f"--out={work / 'efficiency.json'}"]
+        run([*script, *shorter, "--", *cli, *SHORT_FIT[1:]])
 
 
 SLOW = {"check_pretrain", "check_benchmark", "check_torchrun"}
