@@ -354,6 +354,7 @@ class TPGRPOModule(LightningModule):
         return {
             "rollout": result,
             "cond": cond,
+            "group_ids": group_ids,
             "rewards": sequence,
             "scores": {k: v.view(num_images, completions) for k, v in scores.items()},
             "step_rewards": per_step,
@@ -435,11 +436,12 @@ class TPGRPOModule(LightningModule):
         transitions = self.trained_transitions(result)
         micro = self.hparams.train_micro_batch or max(part.numel(), 1)
         chunks = list(part.split(micro))
-        needed = int(all_ranks_max(len(chunks), self.device))
+        real_chunks = len(chunks)
+        needed = int(all_ranks_max(real_chunks, self.device))
         share = 0.0
-        chunks += [torch.zeros(1, dtype=torch.long, device=part.device)] * (needed - len(chunks))
+        chunks += [torch.zeros(1, dtype=torch.long, device=part.device)] * (needed - real_chunks)
         for number, rows in enumerate(chunks):
-            real = number < len(part.split(micro))
+            real = number < real_chunks
             weight = rows.numel() / part_total / len(transitions) * world_size() if real else 0.0
             for index in transitions:
                 loss, metrics = self.transition_loss(
@@ -464,7 +466,6 @@ class TPGRPOModule(LightningModule):
         started = time.perf_counter()
         step_key = (self.current_epoch, batch_idx, self.global_step)
         collected = self.collect(batch, step_key)
-        collected["group_ids"] = batch["group_ids"].to(self.device)
         if all_ranks_max(float(not torch.isfinite(collected["rewards"]).all()), self.device):
             self._skip_step("the reward is NaN or infinite for some images")
             for _ in range(self.hparams.optimizer_steps_per_batch):
