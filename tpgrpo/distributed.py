@@ -93,19 +93,19 @@ def gather_rows(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def all_ranks_max(value: int | float, device: torch.device | str = "cpu") -> float:
-    """The largest ``value`` over ranks (``value`` itself in a single process)."""
+def _all_reduce(value: int | float, op: Any, device: torch.device | str) -> float:
     if world_size() == 1:
         return value
     tensor = torch.tensor(float(value), device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=op)
     return tensor.item()
+
+
+def all_ranks_max(value: int | float, device: torch.device | str = "cpu") -> float:
+    """The largest ``value`` over ranks (``value`` itself in a single process)."""
+    return _all_reduce(value, dist.ReduceOp.MAX, device)
 
 
 def all_ranks_sum(value: int | float, device: torch.device | str = "cpu") -> float:
     """The sum of ``value`` over ranks."""
-    if world_size() == 1:
-        return value
-    tensor = torch.tensor(float(value), device=device)
-    dist.all_reduce(tensor)
-    return tensor.item()
+    return _all_reduce(value, dist.ReduceOp.SUM, device)
