@@ -34,6 +34,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/sample_efficiency.py
+	$(BIN)/python benchmarks/gradient_snr.py
 
 clean:
 	rm -rf $(VENV) lightning_logs outputs

@@ -179,6 +179,9 @@ def check_benchmark(command: str, work: Path) -> None:
     script, cli = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     if "rollout.py" in argv[1]:
         run([*script, "--cases=tiny", "--repeats=1", "--group=2", f"--out={work / 'rollout.json'}"])
+    elif "gradient_snr.py" in argv[1]:
+        run([*script, "--prompts=2", "--batches=2", f"--out={work / 'snr.json'}", "--", *cli, "--data.group_size=2"])
+        assert (work / "snr.json").is_file()
     else:  # later options win: the command's own, shortened; its training overrides, then shorter ones
         shorter = ["--steps=2", "--seeds", "0", "--eval-every=1", f"--out={work / 'efficiency.json'}"]
         run([*script, *shorter, "--", *cli, *SHORT_FIT[1:]])
