@@ -89,3 +89,37 @@ def test_summarize_uses_prompt_means():
     assert out["all"]["shapes"]["mean"] == pytest.approx(0.5)
     assert out["all"]["shapes"]["se"] == pytest.approx(np.std([0.5, 1.0, 0.0], ddof=1) / np.sqrt(3))
     assert out["a"]["shapes"]["mean"] == pytest.approx(0.75)
+
+
+def test_swap_colors_exchanges_the_two_colours_and_rewrites_the_prompt():
+    from tpgrpo.tiny.evaluate import swap_colors
+
+    record = {"tag": "position", "prompt": "a photo of a blue square to the left of a green triangle",
+              "include": [{"class": "triangle", "count": 1, "color": "green"},
+                          {"class": "square", "count": 1, "color": "blue", "position": ["left of", 0]}]}
+    twin = swap_colors(record)
+    assert twin["prompt"] == "a photo of a green square to the left of a blue triangle"
+    assert [e["color"] for e in twin["include"]] == ["blue", "green"] and twin["include"][1]["position"] == ["left of", 0]
+    assert record["include"][0]["color"] == "green"  # the original is left alone
+    assert swap_colors(twin) == record
+    same_class = {"tag": "color_attr", "prompt": "a photo of a red circle and a blue circle",
+                  "include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "circle", "count": 1, "color": "blue"}]}
+    assert swap_colors(same_class) is None
+    assert swap_colors({"tag": "counting", "prompt": "a photo of two circles", "include": [{"class": "circle", "count": 2}]}) is None
+
+
+def test_binding_sensitivity_scores_both_twins_against_both_records(tiny_model_dir):
+    from tpgrpo.tiny.components import load_pipeline
+    from tpgrpo.tiny.evaluate import binding_sensitivity
+
+    pipe = load_pipeline(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    records = [r for r in scenes.read_jsonl("data/shapes/test.jsonl") if r["tag"] == "color_attr"][:3]
+    result = binding_sensitivity(pipe, records, seeds=[0], steps=2)
+    assert result["n_prompts"] == sum(
+        len({e["class"] for e in r["include"]}) == 2 and len({e["color"] for e in r["include"]}) == 2 for r in records
+    )
+    assert 0 <= result["binding_own"] <= 1 and 0 <= result["binding_swapped"] <= 1 and result["pixel_change"] > 0
+    with pytest.raises(ValueError, match="no record"):
+        binding_sensitivity(pipe, [{"tag": "counting", "prompt": "a photo of two circles",
+                                    "include": [{"class": "circle", "count": 2}]}], seeds=[0], steps=2)

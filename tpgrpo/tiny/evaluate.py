@@ -2,6 +2,9 @@
 
     python -m tpgrpo.tiny.evaluate --model tpgrpo/tiny/model --prompts data/shapes/test.jsonl --seeds 4
 
+``--binding`` also checks whether the model binds colours to shapes at all (`binding_sensitivity`):
+RL can sharpen a capability the base model has in part, not create one it lacks.
+
 Every prompt is sampled with seeds 0..S-1 (deterministic Euler ODE sampling, one noise
 generator per image, batched). Standard errors are over prompts: each prompt's mean over its
 seeds is one observation, since images of one prompt are not independent.
@@ -9,6 +12,7 @@ seeds is one observation, since images of one prompt are not independent.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import warnings
@@ -22,7 +26,7 @@ from tqdm import tqdm
 
 from tpgrpo.rewards.shapes import ShapesReward
 from tpgrpo.tiny.components import DEFAULT_MODEL_DIR, MAX_SEQUENCE_LENGTH, load_pipeline
-from tpgrpo.tiny.scenes import read_jsonl
+from tpgrpo.tiny.scenes import make_prompt, read_jsonl
 
 
 @torch.no_grad()
@@ -83,6 +87,50 @@ def evaluate(
     return summarize(scores, [r.get("tag", "untagged") for r in records], len(seeds)), images
 
 
+def swap_colors(record: Mapping) -> dict | None:
+    """The record of two objects of different classes with their colours exchanged, or None if there is none.
+
+    "a blue square and a green triangle" -> "a green square and a blue triangle" (positions kept).
+    """
+    include = record.get("include", [])
+    if len(include) != 2 or any("color" not in e for e in include):
+        return None
+    first, second = include
+    if first["class"] == second["class"] or first["color"] == second["color"]:
+        return None
+    swapped = copy.deepcopy(dict(record))
+    swapped["include"][0]["color"], swapped["include"][1]["color"] = second["color"], first["color"]
+    swapped["prompt"] = make_prompt(swapped)
+    return swapped
+
+
+def binding_sensitivity(
+    pipe, records: Sequence[Mapping], seeds: Sequence[int], steps: int = 10, guidance: float = 4.5, batch: int = 128
+) -> dict:
+    """Does the model draw the colours where the prompt puts them? Images of each two-colour prompt and of its
+    colour-swapped twin (`swap_colors`), same seeds, each scored against both records.
+
+    Returns ``n_prompts``, ``binding_own`` (mean binding check of the images against their own records),
+    ``binding_swapped`` (against the twin's record) and ``pixel_change`` (mean absolute difference of the
+    two prompts' images). A model that ignores which colour goes with which shape scores the two alike.
+    """
+    pairs = [(r, t) for r in records if (t := swap_colors(r)) is not None]
+    if not pairs:
+        raise ValueError("no record has two objects of different classes and colours")
+    originals, twins = [r for r, _ in pairs], [t for _, t in pairs]
+    images = [sample(pipe, [r["prompt"] for r in group], seeds, steps, guidance, batch) for group in (originals, twins)]
+    reward = ShapesReward()
+
+    def binding(image: torch.Tensor, group: Sequence[Mapping]) -> float:
+        metadata = [r for r in group for _ in seeds]
+        return float(reward(image, [r["prompt"] for r in metadata], metadata)["shapes/binding"].mean())
+
+    own = (binding(images[0], originals) + binding(images[1], twins)) / 2
+    swapped = (binding(images[0], twins) + binding(images[1], originals)) / 2
+    change = float((images[0] - images[1]).abs().mean())
+    return {"n_prompts": len(pairs), "binding_own": own, "binding_swapped": swapped, "pixel_change": change}
+
+
 def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int = 2) -> None:
     """Write images (N, 3, H, W) in [0, 1] as a PNG grid with ``columns`` columns, upscaled ``scale``x."""
     n, _, h, w = images.shape
@@ -118,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--grid", type=Path, default=None, help="write a PNG of the first seed's images")
+    parser.add_argument("--binding", action="store_true", help="also check colour binding with colour-swapped prompts")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +177,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = read_jsonl(args.prompts)
     summary, images = evaluate(pipe, records, list(range(args.seeds)), args.steps, args.guidance, args.batch)
     print(format_summary(summary))
+    if args.binding and not any(swap_colors(r) for r in records):
+        print(f"binding: {args.prompts} has no prompt of two objects with different classes and colours to check")
+    elif args.binding:
+        summary["binding_sensitivity"] = binding_sensitivity(
+            pipe, records, list(range(args.seeds)), args.steps, args.guidance, args.batch
+        )
+        b = summary["binding_sensitivity"]
+        print(f"binding ({b['n_prompts']} two-colour prompts and their colour-swapped twins): against own records "
+              f"{b['binding_own']:.3f}, against the twins' {b['binding_swapped']:.3f}; images change by "
+              f"{b['pixel_change']:.3f} (mean absolute pixel difference)")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **summary}, indent=2))
     if args.grid:
