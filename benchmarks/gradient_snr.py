@@ -34,6 +34,7 @@ from tpgrpo.diagnostics import (  # noqa: E402
     policy_gradient,
     signal_to_noise,
 )
+from tpgrpo.lora import named_lora_parameters  # noqa: E402
 
 
 def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
@@ -49,8 +50,8 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
         raise SystemExit(f"error: --prompts {args.prompts} is more than the {len(prompts)} training prompts{which}")
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))[: args.prompts].tolist()
     batch = GroupBatches(prompts, data.hparams.group_size)[[(index, group) for group, index in enumerate(order)]]
-    names = [name for name, p in model.transformer.named_parameters() if p.requires_grad]
-    sizes = [p.numel() for p in model.transformer.parameters() if p.requires_grad]
+    # the layout of the gradient vectors of `policy_gradient`
+    names, sizes = zip(*[(name, p.numel()) for name, p in named_lora_parameters(model.transformer)])
 
     started = time.perf_counter()
     per_batch, shuffled, rewards = [], [], []

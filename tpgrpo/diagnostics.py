@@ -29,7 +29,8 @@ def policy_gradient(module: Any, collected: dict[str, Any], advantages: Tensor |
     ``module`` is a `tpgrpo.module.TPGRPOModule`, ``collected`` what its ``collect`` returned;
     ``advantages`` (N, W) replaces the collected ones (e.g. shuffled, for the noise floor). At
     the first step the ratio is exactly 1, so this is the plain policy gradient of spec §4, with
-    the loss normalised as the update normalises it (mean over the batch's images). The LoRA
+    the loss normalised as the update normalises it (mean over the batch's images). Each tensor
+    concatenates the gradients of `tpgrpo.lora.named_lora_parameters`, in that order. The LoRA
     gradients are left cleared.
     """
     advantages = collected["advantages"] if advantages is None else advantages

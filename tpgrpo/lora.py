@@ -76,9 +76,14 @@ def add_lora(
     return params
 
 
+def named_lora_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the LoRA parameters of ``module`` (names containing ``lora_``), in module order."""
+    return [(name, param) for name, param in module.named_parameters() if "lora_" in name]
+
+
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The LoRA parameters of ``module`` (names containing ``lora_``), in module order."""
-    return [param for name, param in module.named_parameters() if "lora_" in name]
+    """The LoRA parameters of ``module``, in the order of `named_lora_parameters`."""
+    return [param for _, param in named_lora_parameters(module)]
 
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tpgrpo.rewards.shapes import ShapesReward
+from tpgrpo.rewards.shapes import ShapesReward, check_record, detect
 from tpgrpo.tiny.components import DEFAULT_MODEL_DIR, MAX_SEQUENCE_LENGTH, load_pipeline
 from tpgrpo.tiny.scenes import make_prompt, read_jsonl
 
@@ -119,14 +119,15 @@ def binding_sensitivity(
         raise ValueError("no record has two objects of different classes and colours")
     originals, twins = [r for r, _ in pairs], [t for _, t in pairs]
     images = [sample(pipe, [r["prompt"] for r in group], seeds, steps, guidance, batch) for group in (originals, twins)]
-    reward = ShapesReward()
+    # detection does not depend on the record: detect once per set of images, check against both records
+    detections = [detect(image, **ShapesReward().options) for image in images]
 
-    def binding(image: torch.Tensor, group: Sequence[Mapping]) -> float:
-        metadata = [r for r in group for _ in seeds]
-        return float(reward(image, [r["prompt"] for r in metadata], metadata)["shapes/binding"].mean())
+    def binding(objects: Sequence[Sequence], group: Sequence[Mapping]) -> float:
+        records = [r for r in group for _ in seeds]
+        return float(np.mean([np.mean(check_record(o, r)["binding"]) for o, r in zip(objects, records)]))
 
-    own = (binding(images[0], originals) + binding(images[1], twins)) / 2
-    swapped = (binding(images[0], twins) + binding(images[1], originals)) / 2
+    own = (binding(detections[0], originals) + binding(detections[1], twins)) / 2
+    swapped = (binding(detections[0], twins) + binding(detections[1], originals)) / 2
     change = float((images[0] - images[1]).abs().mean())
     return {"n_prompts": len(pairs), "binding_own": own, "binding_swapped": swapped, "pixel_change": change}
 
