@@ -1,6 +1,7 @@
 """The tiny SD3-architecture pipeline: tokenizer, random build, sampling, save/load round trip."""
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from tpgrpo.tiny import MAX_SEQUENCE_LENGTH, build_pipeline, build_tokenizer, load_pipeline
 
@@ -13,6 +14,22 @@ def test_tokenizer_wraps_lowercases_and_maps_unknown_words():
     assert tok("a zebra").input_ids[2] == tok.unk_token_id
     padded = tok(["a red square"], padding="max_length", max_length=8, truncation=True).input_ids[0]
     assert len(padded) == 8 and padded[-1] == tok.pad_token_id
+
+
+def test_phrase_tokens_merge_each_colour_with_the_following_shape(tmp_path):
+    tok = build_tokenizer(phrase_tokens=True)
+    words = lambda text: tok.convert_ids_to_tokens(tok(text).input_ids[1:-1])  # noqa: E731
+    assert words("a Blue square to the left of a green  triangle.") == [
+        "a", "blue_square", "to", "the", "left", "of", "a", "green_triangle"
+    ]
+    assert words("three green circles") == ["three", "green_circles"]
+    assert words("two circles and a red") == ["two", "circles", "and", "a", "red"]  # no shape after "red"
+    assert words("a reddish circle") == ["a", tok.unk_token, "circle"]  # whole words only
+    plain = build_tokenizer()
+    assert len(tok) == len(plain) + 10 * 3 * 2  # colours x shapes x (singular, plural)
+    tok.save_pretrained(tmp_path)
+    again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert again("a photo of four cyan squares").input_ids == tok("a photo of four cyan squares").input_ids
 
 
 def test_tokenizer_rejects_multiword_entries():

@@ -41,15 +41,27 @@ DEFAULT_VOCABULARY: tuple[str, ...] = (
     "circle", "circles", "square", "squares", "triangle", "triangles",
     "to", "left", "right", "above", "below", "on", "top", "bottom", "is", "are",
 )
+PHRASE_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "cyan", "orange", "white", "black", "gray")
+PHRASE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 
-def build_tokenizer(vocabulary: Sequence[str] | None = None, max_length: int = 16) -> PreTrainedTokenizerFast:
+def phrase_token(color: str, shape: str) -> str:
+    """The single token of "<color> <shape>" (and, plus "s", of its plural) under phrase tokens."""
+    return f"{color}_{shape}"
+
+
+def build_tokenizer(
+    vocabulary: Sequence[str] | None = None, max_length: int = 16, phrase_tokens: bool = False
+) -> PreTrainedTokenizerFast:
     """A CLIP-like word-level tokenizer made locally.
 
     Lower-cases, drops punctuation, splits on whitespace, wraps every text as
     ``<|startoftext|> words <|endoftext|>`` and maps unknown words to ``<|unk|>``.
     ``vocabulary`` defaults to the words of the shapes prompts; ``max_length`` is the padded
-    length the SD3 pipeline uses (``model_max_length``).
+    length the SD3 pipeline uses (``model_max_length``). With ``phrase_tokens`` a colour word
+    followed by a shape word ("green circle", "green circles") becomes one token
+    (`phrase_token`): a model this small then reads which colour goes with which shape from one
+    token instead of having to learn it from word order.
     """
     if max_length < 3:
         raise ValueError(f"max_length must be >= 3 (start, a word, end), got {max_length}")
@@ -58,10 +70,14 @@ def build_tokenizer(vocabulary: Sequence[str] | None = None, max_length: int = 1
     if any(not w or any(ch.isspace() for ch in w) for w in clean):
         raise ValueError("vocabulary entries must be single non-empty words")
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for word in clean:
+    phrases = [(c, s) for c in PHRASE_COLORS for s in PHRASE_SHAPES] if phrase_tokens else []
+    for word in clean + [phrase_token(c, s) + plural for c, s in phrases for plural in ("", "s")]:
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")])
+    core.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")]
+        + [normalizers.Replace(Regex(rf"\b{c}\s+{s}"), phrase_token(c, s)) for c, s in phrases]
+    )
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
@@ -142,6 +158,7 @@ def build_pipeline(
     vae_channels: Sequence[int] = (32, 64, 64),
     vocabulary: Sequence[str] | None = None,
     max_length: int = 16,
+    phrase_tokens: bool = False,
     shift: float = 3.0,
 ) -> StableDiffusion3Pipeline:
     """A tiny `StableDiffusion3Pipeline` with seeded random weights (no T5).
@@ -154,7 +171,7 @@ def build_pipeline(
     """
     if sample_size % 2:
         raise ValueError(f"sample_size must be even (patch size 2), got {sample_size}")
-    tokenizer = build_tokenizer(vocabulary, max_length)
+    tokenizer = build_tokenizer(vocabulary, max_length, phrase_tokens)
     inner = num_attention_heads * attention_head_dim
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 from tpgrpo.tiny import scenes
@@ -177,6 +178,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    parser.add_argument(
+        "--phrase-tokens", action=argparse.BooleanOptionalAction, default=True,
+        help="one token per colour-shape phrase (see tpgrpo.tiny.components.build_tokenizer)",
+    )
+    parser.add_argument(
+        "--vae-from", type=Path, default=None,
+        help="reuse the VAE of a saved tiny pipeline (skips stage 1; the VAE does not depend on the text)",
+    )
     args = parser.parse_args(argv)
 
     begin = time.time()
@@ -185,9 +194,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     held_out = {r["prompt"] for r in scenes.read_jsonl(args.test_prompts)}
     pool = training_records(held_out)
-    pipe = build_pipeline(args.seed, num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim)
-
-    vae_stats = train_vae(pipe.vae, pool, rng, 60 * args.vae_minutes, args.vae_batch, args.vae_lr, args.kl_weight)
+    pipe = build_pipeline(
+        args.seed, num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim,
+        phrase_tokens=args.phrase_tokens,
+    )
+    if args.vae_from is None:
+        vae_stats = train_vae(pipe.vae, pool, rng, 60 * args.vae_minutes, args.vae_batch, args.vae_lr, args.kl_weight)
+    else:
+        pipe.vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae", torch_dtype=torch.float32).eval()
+        vae_stats = {"from": str(args.vae_from)}
     records = sample_records(pool, args.pool, rng)
     mean, std = encode_pool(pipe.vae, records, rng)
     shift, scale = mean.mean().item(), 1.0 / mean.std().item()
