@@ -32,6 +32,7 @@ from tpgrpo.diagnostics import (  # noqa: E402
     lora_module_kind,
     pairwise_cosines,
     policy_gradient,
+    reward_spread,
     signal_to_noise,
 )
 from tpgrpo.lora import named_lora_parameters  # noqa: E402
@@ -54,13 +55,14 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
     names, sizes = zip(*[(name, p.numel()) for name, p in named_lora_parameters(model.transformer)])
 
     started = time.perf_counter()
-    per_batch, shuffled, rewards = [], [], []
+    per_batch, shuffled, rewards, spreads = [], [], [], []
     for number in range(args.batches):
         collected = model.collect(batch, ("gradient_snr", args.seed, number))
         per_batch.append(policy_gradient(model, collected))
         permutation = torch.randperm(len(batch["prompts"]), generator=torch.Generator().manual_seed(number))
         shuffled.append(sum(policy_gradient(model, collected, collected["advantages"][permutation])))
         rewards.append(float(collected["rewards"][:, -1].mean()))
+        spreads.append(reward_spread(collected["rewards"][:, -1], collected["group_ids"]))
     seconds = time.perf_counter() - started
 
     totals = [sum(transitions) for transitions in per_batch]
@@ -85,6 +87,7 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
         "cosine_by_module": cosines_by_part(totals, names, sizes, lora_module_kind),
         "cosine_by_block": cosines_by_part(totals, names, sizes, lambda name: name.split(".")[1]),
         "train_reward": rewards,
+        "reward_spread": {key: sum(s[key] for s in spreads) / len(spreads) for key in spreads[0]},
         "seconds_per_batch": seconds / args.batches,
     }
 

@@ -4,7 +4,14 @@ import math
 import pytest
 import torch
 
-from tpgrpo.diagnostics import cosines_by_part, lora_module_kind, pairwise_cosines, policy_gradient, signal_to_noise
+from tpgrpo.diagnostics import (
+    cosines_by_part,
+    lora_module_kind,
+    pairwise_cosines,
+    policy_gradient,
+    reward_spread,
+    signal_to_noise,
+)
 
 
 def test_pairwise_cosines_by_hand():
@@ -45,6 +52,16 @@ def test_cosines_by_part_restricts_to_each_part():
     assert grouped["ab"] == pytest.approx(float(torch.nn.functional.cosine_similarity(first[:3], second[:3], dim=0)))
     with pytest.raises(ValueError, match="describe"):
         cosines_by_part([first, second], names, [1, 1, 1], lambda name: name)
+
+
+def test_reward_spread_by_hand():
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.2, 0.2])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    spread = reward_spread(rewards, groups)
+    assert spread["within_group_std"] == pytest.approx((0.5 + 0 + 0) / 3)
+    means = torch.tensor([0.5, 0.5, 0.2])
+    assert spread["between_group_std"] == pytest.approx(float(((means - means.mean()) ** 2).mean().sqrt()))
+    assert spread["groups_all_equal"] == pytest.approx(2 / 3)
 
 
 def test_lora_module_kind_drops_block_index_and_adapter_name():
@@ -114,6 +131,8 @@ def test_gradient_snr_benchmark_measures_the_shipped_model(tmp_path):
     assert math.isnan(modules["attn.to_q.lora_A"])  # B starts at zero, so A has no gradient yet
     assert all(-1 <= modules[k] <= 1 for k in modules if k.endswith("lora_B"))
     assert "policy-gradient cosine" in summary_line(result)
+    spread = result["reward_spread"]
+    assert spread["within_group_std"] >= 0 and 0 <= spread["groups_all_equal"] <= 1
     args.tag, args.prompts = "single_object", 3  # data/shapes/train.jsonl has 2 single-object prompts
     with pytest.raises(SystemExit, match="more than the 2 training prompts with tag 'single_object'"):
         measure(args, [])

@@ -73,6 +73,22 @@ def signal_to_noise(cosine: float, images: int) -> dict[str, float]:
     return {"snr_per_image": cosine / (1 - cosine) / images, "images_for_half_signal": images * (1 - cosine) / cosine}
 
 
+def reward_spread(rewards: Tensor, group_ids: Tensor) -> dict[str, float]:
+    """How rewards (N,) spread within groups (same prompt) and between the groups' means.
+
+    Returns the mean within-group population std, the std of the group means, and the share of
+    groups whose rewards are all equal (their advantages are all zero).
+    """
+    groups = [rewards[group_ids == g] for g in group_ids.unique()]
+    within = torch.stack([r.std(unbiased=False) for r in groups])
+    means = torch.stack([r.mean() for r in groups])
+    return {
+        "within_group_std": float(within.mean()),
+        "between_group_std": float(means.std(unbiased=False)),
+        "groups_all_equal": float((within == 0).float().mean()),
+    }
+
+
 def lora_module_kind(name: str) -> str:
     """``transformer_blocks.3.attn.add_v_proj.lora_B.default.weight`` -> ``attn.add_v_proj.lora_B``."""
     return re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", name).replace(".default.weight", "")

@@ -179,8 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     parser.add_argument(
-        "--phrase-tokens", action=argparse.BooleanOptionalAction, default=True,
-        help="one token per colour-shape phrase (see tpgrpo.tiny.components.build_tokenizer)",
+        "--phrase-tokens", action=argparse.BooleanOptionalAction, default=False,
+        help="one token per colour-shape phrase (tpgrpo.tiny.components.build_tokenizer); see the model card",
     )
     parser.add_argument(
         "--vae-from", type=Path, default=None,
