@@ -42,6 +42,13 @@ def _format(scores: dict[str, tuple[float, float]]) -> str:
     return ", ".join(f"{key} {mean:.3f} ± {err:.3f}" for key, (mean, err) in sorted(scores.items()))
 
 
+def in_stderr(change: float, stderr: float) -> float:
+    """A change in units of its standard error; 0 for no change, +-inf for a change with no spread."""
+    if stderr > 0:
+        return change / stderr
+    return 0.0 if change == 0 else math.copysign(math.inf, change)
+
+
 def run(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--out", default="outputs/demo")
@@ -74,7 +81,7 @@ def run(argv: list[str]) -> dict:
     plot_curves({CREDIT_LABELS.get(cli.model.hparams.credit, cli.model.hparams.credit): points}, out / "reward_curve.png")
     mean_before, err_before = before["reward"]
     mean_after, err_after = after["reward"]
-    rise_in_stderr = (mean_after - mean_before) / math.hypot(err_before, err_after)
+    rise_in_stderr = in_stderr(mean_after - mean_before, math.hypot(err_before, err_after))
     # the same prompts and seeds are sampled before and after: the paired difference is sharper
     _, paired_err = mean_and_stderr(after_rewards - before_rewards)
     summary = {
@@ -83,7 +90,7 @@ def run(argv: list[str]) -> dict:
         "rise": mean_after - mean_before,
         "rise_in_stderr": rise_in_stderr,
         "paired_stderr": paired_err,
-        "rise_in_paired_stderr": (mean_after - mean_before) / paired_err,
+        "rise_in_paired_stderr": in_stderr(mean_after - mean_before, paired_err),
         "train_steps": cli.trainer.global_step,
         "seconds": time.perf_counter() - started,
         "curve": points,
