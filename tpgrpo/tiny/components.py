@@ -35,14 +35,14 @@ BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
 # legacy configuration and pools at the largest token id instead of at the end token.
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, UNK)
 
+COLOR_WORDS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "cyan", "orange", "white", "black", "gray")
+SHAPE_WORDS: tuple[str, ...] = ("circle", "square", "triangle")
 DEFAULT_VOCABULARY: tuple[str, ...] = (
     "a", "an", "the", "photo", "of", "and", "with", "one", "two", "three", "four",
-    "red", "green", "blue", "yellow", "purple", "cyan", "orange", "white", "black", "gray",
-    "circle", "circles", "square", "squares", "triangle", "triangles",
+    *COLOR_WORDS,
+    *(word + plural for word in SHAPE_WORDS for plural in ("", "s")),
     "to", "left", "right", "above", "below", "on", "top", "bottom", "is", "are",
 )
-PHRASE_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "cyan", "orange", "white", "black", "gray")
-PHRASE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 
 def phrase_token(color: str, shape: str) -> str:
@@ -70,7 +70,7 @@ def build_tokenizer(
     if any(not w or any(ch.isspace() for ch in w) for w in clean):
         raise ValueError("vocabulary entries must be single non-empty words")
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    phrases = [(c, s) for c in PHRASE_COLORS for s in PHRASE_SHAPES] if phrase_tokens else []
+    phrases = [(c, s) for c in COLOR_WORDS for s in SHAPE_WORDS] if phrase_tokens else []
     for word in clean + [phrase_token(c, s) + plural for c, s in phrases for plural in ("", "s")]:
         vocab.setdefault(word, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
