@@ -2,7 +2,7 @@
 
 Every setting of the model (`tpgrpo.module.TPGRPOModule`), the data
 (`tpgrpo.data.PromptDataModule`) and the Lightning Trainer is a config value; ``--print_config``
-shows them all and any can be overridden on the command line (``--model.credit outcome``).
+shows them all and any can be overridden on the command line (``--model.credit.method outcome``).
 """
 from tpgrpo.cli import main
 

@@ -32,7 +32,7 @@ def run_one(config: str, method: str, seed: int, steps: int, eval_every: int, ex
     cli = build_cli(
         [
             "--config", config,
-            f"--model.credit={method}",
+            f"--model.credit.method={method}",
             f"--model.seed={seed}",
             f"--data.seed={seed}",
             f"--seed_everything={seed}",

@@ -75,7 +75,9 @@ def test_policy_gradient_is_the_gradient_of_the_first_step_loss(tiny_model_dir):
     from tpgrpo.module import TPGRPOModule
 
     torch.manual_seed(0)
-    model = TPGRPOModule(pretrained_path=str(tiny_model_dir), num_steps=3, window_size=2, kl_beta=0.0, clip_range=0.2)
+    model = TPGRPOModule(
+        pretrained_path=str(tiny_model_dir), sampling={"num_steps": 3, "window_size": 2}, update={"kl_beta": 0.0, "clip_range": 0.2}
+    )
     params = lora_parameters(model.transformer)
     with torch.no_grad():  # a non-zero LoRA B, so every LoRA weight has a gradient
         for p in params:
@@ -123,7 +125,7 @@ def test_gradient_snr_benchmark_measures_the_shipped_model(tmp_path):
 
     args = argparse.Namespace(config="configs/tiny.yaml", prompts=2, batches=3, seed=0, tag="counting", threads=None,
                               out=str(tmp_path))
-    result = measure(args, ["--data.group_size=2", "--model.num_steps=3", "--model.window_range=[0,3]"])
+    result = measure(args, ["--data.group_size=2", "--model.sampling.num_steps=3", "--model.sampling.window_range=[0,3]"])
     assert result["images_per_batch"] == 4
     assert -1 <= result["cosine"] <= 1 and -1 <= result["noise_floor"] <= 1
     assert len(result["cosine_by_transition"]) == 2 and len(result["train_reward"]) == 3

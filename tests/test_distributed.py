@@ -21,10 +21,10 @@ def fit(tmp_path: Path, name: str, devices: int, strategy: str, *extra: str) -> 
     out = tmp_path / name
     args = [
         sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
-        "--model.num_steps=3", "--model.eval_num_steps=2", "--model.window_size=2", "--model.window_range=[0, 3]",
-        "--model.lora_rank=4", "--model.lora_alpha=8", "--model.log_images_every_n_steps=0",
-        "--model.balance_scope=global",  # the spec balances per rank batch; global balancing is layout-free
-        "--model.adam_eps=1e-4",  # near-zero gradients: Adam's default eps turns float noise into full-size steps
+        "--model.sampling.num_steps=3", "--model.evaluation.num_steps=2", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+        "--model.lora.rank=4", "--model.lora.alpha=8", "--model.evaluation.log_images_every_n_steps=0",
+        "--model.credit.balance_scope=global",  # the spec balances per rank batch; global balancing is layout-free
+        "--model.optimizer.eps=1e-4",  # near-zero gradients: Adam's default eps turns float noise into full-size steps
         "--data.val_prompts=null", "--data.group_size=4", f"--data.prompts_per_step={4 // devices}",
         "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
         f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
@@ -62,7 +62,7 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "strategy, options",
-    [("ddp", ()), ("fsdp2", ()), ("fsdp2", ("--model.gradient_checkpointing=true",))],
+    [("ddp", ()), ("fsdp2", ()), ("fsdp2", ("--model.update.gradient_checkpointing=true",))],
     ids=["ddp", "fsdp2", "fsdp2-activation-checkpointing"],
 )
 def test_two_ranks_compute_what_one_process_computes(tmp_path, one_process, strategy, options):
@@ -116,7 +116,7 @@ def test_balance_scope_balances_over_this_rank_or_all_ranks(monkeypatch, tiny_mo
     from tpgrpo import credit
     from tpgrpo.module import TPGRPOModule
 
-    model = TPGRPOModule(pretrained_path=str(tiny_model_dir), num_steps=3, window_size=2, balance_scope=scope)
+    model = TPGRPOModule(pretrained_path=str(tiny_model_dir), sampling={"num_steps": 3, "window_size": 2}, credit={"balance_scope": scope})
     # this rank: two rising rows with a turning point at step 0; the other rank: one falling such row,
     # so balancing over both ranks keeps one rising turning point (the row with the larger rise)
     own = torch.tensor([[0.1, 0.3, 0.5], [0.2, 0.3, 0.7], [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]])

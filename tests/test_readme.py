@@ -22,8 +22,8 @@ COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
 
 # Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.
 SHORT_FIT = [
-    "--trainer.max_steps=2", "--model.num_steps=3", "--model.eval_num_steps=2", "--model.window_size=2",
-    "--model.window_range=[0, 3]", "--data.prompts_per_step=2", "--data.group_size=4", "--data.eval_seeds=1",
+    "--trainer.max_steps=2", "--model.sampling.num_steps=3", "--model.evaluation.num_steps=2", "--model.sampling.window_size=2",
+    "--model.sampling.window_range=[0, 3]", "--data.prompts_per_step=2", "--data.group_size=4", "--data.eval_seeds=1",
     "--data.eval_batch_size=8", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
     "--trainer.limit_predict_batches=1", "--trainer.enable_progress_bar=false",
 ]
@@ -85,7 +85,7 @@ def check_fit(command: str, work: Path, checkpoint: Path) -> None:
     out = work / "run"
     extra = [f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out / 'logs'}"]
     if " predict " in command:
-        extra.append(f"--model.predict_dir={out / 'predict'}")
+        extra.append(f"--model.evaluation.predict_dir={out / 'predict'}")
     if "--ckpt_path last" in command:  # resume: a first run leaves a last.ckpt of this experiment
         first = [a for a in argv if a not in ("--ckpt_path", "last")]
         run([*first, *SHORT_FIT, *extra])

@@ -50,8 +50,8 @@ def callbacks_arg(every: int = 1, export: bool = True) -> str:
 
 
 SMALL = (
-    "--data.prompts_per_step=1", "--data.group_size=3", "--model.optimizer_steps_per_batch=2",
-    "--model.learning_rate=1e-3", "--model.log_images_every_n_steps=0", callbacks_arg(),
+    "--data.prompts_per_step=1", "--data.group_size=3", "--model.update.optimizer_steps_per_batch=2",
+    "--model.optimizer.learning_rate=1e-3", "--model.evaluation.log_images_every_n_steps=0", callbacks_arg(),
 )
 
 
@@ -421,10 +421,11 @@ def one_line_error(capsys, args) -> str:
         ("model:\n  num_steps: [1, 2\n", "invalid YAML at line 3, column 1"),
         ("model:\n  noise_level: 0.5\n\tclip_range: 0.1\n", "invalid YAML at line 3"),
         ("- model\n- data\n", "must be a mapping"),
-        ("model:\n  noise_levle: 0.5\n", "did you mean model.noise_level?"),
-        ("modle:\n  noise_level: 0.5\n", "did you mean model.noise_level?"),
-        ("model:\n  num_steps: many\n", 'Parser key "model.num_steps"'),
-        ("model:\n  clip_range: [0.1]\n", "clip_range"),
+        ("model:\n  noise_levle: 0.5\n", "did you mean model.sampling.noise_level?"),
+        ("modle:\n  noise_level: 0.5\n", "did you mean model.sampling.noise_level?"),
+        ("model:\n  sampling:\n    num_steps: many\n", 'Parser key "model.sampling.num_steps"'),
+        ("model:\n  num_steps: 3\n", "did you mean model.sampling.num_steps?"),
+        ("model:\n  update:\n    clip_range: [0.1]\n", "clip_range"),
     ],
 )
 def test_config_file_errors(tmp_path, capsys, config, message):
@@ -440,19 +441,19 @@ def test_missing_config_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("--model.num_steps=abc", 'Parser key "model.num_steps"'),
-        ("--model.lora_rnk=3", "did you mean model.lora_rank?"),
-        ("--model.noise_level=0", "noise_level must be in (0, 1]"),
-        ("--model.noise_level=1.5", "noise_level must be in (0, 1]"),
-        ("--model.window_range=[2, 3]", "window_range (2, 3)"),
-        ("--model.clip_range=0", "clip_range"),
-        ("--model.clip_range=1.5", "clip_range"),
-        ("--model.learning_rate=inf", "learning_rate"),
-        ("--model.advantage_eps=0", "advantage_eps"),
-        ("--model.adam_betas=[0.9, 1.0]", "adam_betas"),
-        ("--model.train_micro_batch=0", "train_micro_batch"),
+        ("--model.sampling.num_steps=abc", 'Parser key "model.sampling.num_steps"'),
+        ("--model.lora_rnk=3", "did you mean model.lora.rank?"),
+        ("--model.sampling.noise_level=0", "noise_level must be in (0, 1]"),
+        ("--model.sampling.noise_level=1.5", "noise_level must be in (0, 1]"),
+        ("--model.sampling.window_range=[2, 3]", "window_range (2, 3)"),
+        ("--model.update.clip_range=0", "clip_range"),
+        ("--model.update.clip_range=1.5", "clip_range"),
+        ("--model.optimizer.learning_rate=inf", "learning_rate"),
+        ("--model.credit.advantage_eps=0", "advantage_eps"),
+        ("--model.optimizer.betas=[0.9, 1.0]", "optimizer.betas"),
+        ("--model.update.train_micro_batch=0", "train_micro_batch"),
         ("--data.group_size=1", "data.group_size must be >= 2"),
-        ("--model.optimizer_steps_per_batch=9", "optimizer_steps_per_batch (9) is larger than the images of a batch"),
+        ("--model.update.optimizer_steps_per_batch=9", "optimizer_steps_per_batch (9) is larger than the images of a batch"),
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path, tiny_model_dir, prompt_file, capsys, override, message):

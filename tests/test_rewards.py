@@ -185,7 +185,7 @@ def test_model_load_errors_are_one_line_user_errors(tmp_path):
 
 
 def test_aesthetic_head_must_be_safetensors_with_the_right_weights(tmp_path, clip_dir, head_file):
-    with pytest.raises(RewardConfigError, match="set reward_options.aesthetic.head"):
+    with pytest.raises(RewardConfigError, match="set rewards.aesthetic.head"):
         AestheticScore(clip_model=clip_dir)
     with pytest.raises(RewardConfigError, match="must be a .safetensors file"):
         AestheticScore(head=tmp_path / "head.pth", clip_model=clip_dir)

@@ -18,14 +18,14 @@ def cli_args(tmp_path, model_dir, prompts, *extra):
     return [
         "--config", "configs/tiny.yaml",
         f"--model.pretrained_path={model_dir}",
-        "--model.num_steps=3",
-        "--model.eval_num_steps=2",
-        "--model.window_size=2",
-        "--model.window_range=[0, 3]",
-        "--model.lora_rank=4",
-        "--model.lora_alpha=8",
-        "--model.optimizer_steps_per_batch=2",
-        "--model.log_images_every_n_steps=1",
+        "--model.sampling.num_steps=3",
+        "--model.evaluation.num_steps=2",
+        "--model.sampling.window_size=2",
+        "--model.sampling.window_range=[0, 3]",
+        "--model.lora.rank=4",
+        "--model.lora.alpha=8",
+        "--model.update.optimizer_steps_per_batch=2",
+        "--model.evaluation.log_images_every_n_steps=1",
         # random weights draw no shapes: a reward that varies on any image gives a learning signal
         "--model.rewards={jpeg_incompressibility: 1.0, shapes: 0.5}",
         f"--data.train_prompts={prompts}",
@@ -101,7 +101,7 @@ def test_reference_is_the_base_model(tmp_path, tiny_model_dir, prompt_file):
 
 
 def _collected(tmp_path, model_dir, prompts, *extra):
-    cli = build_cli(cli_args(tmp_path, model_dir, prompts, "--model.kl_beta=0", *extra), run=False)
+    cli = build_cli(cli_args(tmp_path, model_dir, prompts, "--model.update.kl_beta=0", *extra), run=False)
     datamodule = cli.datamodule
     datamodule.trainer = cli.trainer
     datamodule.setup("fit")
@@ -122,12 +122,12 @@ def test_first_ratio_is_one(tmp_path, tiny_model_dir, prompt_file):
 
 
 def test_outcome_credit_gives_flow_grpo_loss(tmp_path, tiny_model_dir, prompt_file):
-    model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file, "--model.credit=outcome")
+    model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file, "--model.credit.method=outcome")
     result = collected["rollout"]
     assert result.final_latents.shape[1] == 1  # no branches for Flow-GRPO
     final = collected["rewards"][:, -1]
     expected_advantages = credit.group_advantages(
-        final, batch["group_ids"], clip=model.hparams.advantage_clip
+        final, batch["group_ids"], clip=model.credit.advantage_clip
     )[:, None].expand(-1, result.window_size)
     torch.testing.assert_close(collected["advantages"], expected_advantages)
     rows = torch.arange(len(final))
@@ -156,10 +156,10 @@ def run_main(capsys, args):
     "override, message",
     [
         ("--data.train_prompts=missing.jsonl", "missing.jsonl"),
-        ("--model.window_size=5", "window_size"),
+        ("--model.sampling.window_size=5", "window_size"),
         ("--model.rewards={nope: 1.0}", "unknown reward 'nope'"),
         ("--data.group_size=1", "group_size"),
-        ("--model.noise_level=3", "noise_level"),
+        ("--model.sampling.noise_level=3", "noise_level"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, tiny_model_dir, prompt_file, capsys, override, message):
@@ -187,7 +187,7 @@ def test_shipped_configs_parse(config, capsys):
         main(["fit", "--config", config, "--print_config"])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
-    for key in ["num_steps", "window_size", "noise_level", "guidance_scale", "clip_range", "kl_beta", "eta", "lora_rank", "group_size"]:
+    for key in ["num_steps", "window_size", "noise_level", "guidance_scale", "clip_range", "kl_beta", "eta", "rank", "group_size"]:
         assert f"{key}:" in printed
 
 
@@ -196,6 +196,6 @@ def test_test_and_predict_subcommands(tmp_path, tiny_model_dir, prompt_file):
     tested = build_cli(["test", *args, f"--data.test_prompts={prompt_file}", "--data.eval_seeds=2"])
     assert tested.model.eval_summary["reward"].shape == (8,)  # 4 prompts × 2 fixed seeds
     out = tmp_path / "predicted"
-    build_cli(["predict", *args, f"--data.predict_prompts={prompt_file}", f"--model.predict_dir={out}"])
+    build_cli(["predict", *args, f"--data.predict_prompts={prompt_file}", f"--model.evaluation.predict_dir={out}"])
     written = sorted(p.name for p in out.glob("*.png"))
     assert len(written) == 4 and written[0].endswith("_seed0.png")

@@ -18,14 +18,15 @@ from tpgrpo.callbacks import find_last_checkpoint
 from tpgrpo.data import PromptDataModule
 from tpgrpo.errors import UserInputError
 from tpgrpo.module import TPGRPOModule
+from tpgrpo.settings import check_model_settings
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _parser_kwargs(run: bool, exit_on_error: bool = True) -> dict:
-    """omegaconf mode (``${model.num_steps}`` interpolation) and the shared base config under every config.
+    """omegaconf mode (``${model.sampling.num_steps}`` interpolation) and the shared base config under every config.
 
     With subcommands (``run``) the base config belongs to each subcommand's parser, not the main one.
     ``exit_on_error=False``: parse errors raise `jsonargparse.ArgumentError` instead of exiting.
@@ -43,10 +44,20 @@ class TPGRPOCLI(LightningCLI):
         """Keep the settings of the config and command line when ``--ckpt_path`` is given.
 
         Lightning would replace every ``model.*`` setting with the checkpoint's, silently dropping
-        overrides such as ``--model.predict_dir`` or a new learning rate. Here the checkpoint
+        overrides such as ``--model.evaluation.predict_dir`` or a new learning rate. Here the checkpoint
         supplies weights and training state only; a LoRA that does not fit the configured model
         is a clear error (`TPGRPOModule.on_load_checkpoint`).
         """
+
+    def parse_arguments(self, parser, args) -> None:
+        """Range-check the model's settings before ``--print_config`` prints them (and exits)."""
+        arguments = sys.argv[1:] if args is None else list(args)
+        if any(str(a).startswith("--print_config") for a in arguments):
+            plain = [a for a in arguments if not str(a).startswith("--print_config")]
+            config = parser.parse_args(plain)
+            subcommand = config.get("subcommand")
+            check_model_settings((config[subcommand] if subcommand else config).model)
+        super().parse_arguments(parser, args)
 
     def before_fit(self) -> None:
         check_model_and_data(self.model, self.datamodule)
@@ -65,11 +76,12 @@ class TPGRPOCLI(LightningCLI):
 
 def check_model_and_data(model: TPGRPOModule, datamodule: PromptDataModule) -> None:
     """Settings of the model that depend on the batch the data module builds."""
-    model_h, data_h = model.hparams, datamodule.hparams
+    data_h = datamodule.hparams
     images = data_h.prompts_per_step * data_h.group_size
-    if model_h.optimizer_steps_per_batch > images:
+    steps = model.update_config.optimizer_steps_per_batch
+    if steps > images:
         raise UserInputError(
-            f"model.optimizer_steps_per_batch ({model_h.optimizer_steps_per_batch}) is larger than the images of a "
+            f"model.update.optimizer_steps_per_batch ({steps}) is larger than the images of a "
             f"batch (data.prompts_per_step × data.group_size = {images}): lower it or use more images per batch"
         )
 
@@ -123,8 +135,13 @@ def check_config_files(args: Sequence[str]) -> None:
 
 
 def _known_keys() -> list[str]:
+    from dataclasses import fields
+
+    from tpgrpo.settings import GROUPS
+
     keys = [f"{prefix}.{name}" for prefix, cls in (("model", TPGRPOModule), ("data", PromptDataModule), ("trainer", Trainer))
             for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    keys += [f"model.{group}.{field.name}" for group, cls in GROUPS.items() for field in fields(cls)]
     return keys + ["seed_everything", "ckpt_path", "optimizer", "lr_scheduler"]
 
 
@@ -133,10 +150,23 @@ def _one_line(message: str) -> str:
     line = re.sub(r"\s*\n\s*", " ", message.strip())
     unknown = re.search(r"(?:does not accept option|unrecognized arguments:)\s*'?(?:--)?([\w.]+)", line, re.IGNORECASE)
     if unknown:
-        close = difflib.get_close_matches(unknown.group(1), _known_keys(), n=1, cutoff=0.75)
-        if close:
-            line += f" (did you mean {close[0]}?)"
+        suggestion = suggest_key(unknown.group(1))
+        if suggestion:
+            line += f" (did you mean {suggestion}?)"
     return line
+
+
+def suggest_key(key: str) -> str | None:
+    """The known setting a misspelt or ungrouped key most likely means (``model.noise_level`` ->
+    ``model.sampling.noise_level``), or None."""
+    known = _known_keys()
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    prefix, _, name = key.partition(".")
+    by_name = {k.rsplit(".", 1)[-1]: k for k in known if k.startswith(f"{prefix}.")}
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(by_name), n=1, cutoff=0.8)
+    return by_name[close[0]] if close else None
 
 
 def main(args: list[str] | None = None) -> None:

@@ -78,7 +78,7 @@ def run(argv: list[str]) -> dict:
     grid = image_grid(torch.cat([before_images, after_images]), columns=len(showcase_prompts))
     save_image(grid, out / "before_after.png", scale=4)
     points = list({p["step"]: p for p in curve.points}.values())  # the final evaluation repeats the last one
-    plot_curves({CREDIT_LABELS.get(cli.model.hparams.credit, cli.model.hparams.credit): points}, out / "reward_curve.png")
+    plot_curves({CREDIT_LABELS.get(cli.model.credit.method, cli.model.credit.method): points}, out / "reward_curve.png")
     mean_before, err_before = before["reward"]
     mean_after, err_after = after["reward"]
     rise_in_stderr = in_stderr(mean_after - mean_before, math.hypot(err_before, err_after))

@@ -5,6 +5,7 @@ docstring; a test checks that the committed file equals this output, so it canno
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 
@@ -36,11 +37,19 @@ def argument_help(cls: type) -> dict[str, str]:
 
 
 def reference_table(prefix: str, cls: type) -> str:
-    """A markdown table of the ``__init__`` arguments of ``cls`` as ``prefix.name``."""
+    """A markdown table of the ``__init__`` arguments of ``cls`` as ``prefix.name``; a settings
+    group (a dataclass default) gets one row per field, ``prefix.group.field``."""
     helps = argument_help(cls)
     rows = ["| setting | default | meaning |", "|---|---|---|"]
     for name, parameter in inspect.signature(cls.__init__).parameters.items():
         if name == "self":
+            continue
+        if dataclasses.is_dataclass(parameter.default):
+            group_helps = argument_help(type(parameter.default))
+            rows.append(f"| **`{prefix}.{name}`** | | {helps.get(name, '')} |")
+            for field in dataclasses.fields(parameter.default):
+                value = getattr(parameter.default, field.name)
+                rows.append(f"| `{prefix}.{name}.{field.name}` | `{value!r}` | {group_helps.get(field.name, '')} |")
             continue
         default = "(required)" if parameter.default is inspect.Parameter.empty else repr(parameter.default)
         if name == "pretrained_path":
@@ -56,7 +65,7 @@ def config_reference() -> str:
             "",
             "Generated from the code by `python -m tpgrpo.docs > docs/config.md`; do not edit by hand.",
             "Each setting is a YAML key under `model:` or `data:` and a command-line flag",
-            "(`python train.py fit --config configs/tiny.yaml --model.noise_level 0.5`).",
+            "(`python train.py fit --config configs/tiny.yaml --model.sampling.noise_level 0.5`).",
             "Trainer settings are Lightning's (`python train.py fit --help`).",
             "",
             "## model (`tpgrpo.module.TPGRPOModule`)",

@@ -1,7 +1,7 @@
 """Write the LoRA of a training checkpoint in the diffusers format.
 
     python -m tpgrpo.export --ckpt lightning_logs/tpgrpo/version_0/checkpoints/last.ckpt --out my_lora
-    python -m tpgrpo.export --ckpt last.ckpt --config configs/tiny.yaml --model.lora_rank=4 --out my_lora
+    python -m tpgrpo.export --ckpt last.ckpt --config configs/tiny.yaml --model.lora.rank=4 --out my_lora
 
 The model is built from the checkpoint's own hyper-parameters, or, with ``--config``, from the
 config files and ``--model.*`` overrides (as ``train.py`` would build it). Without ``--config``,
@@ -23,8 +23,8 @@ import yaml
 from tpgrpo.errors import UserInputError
 from tpgrpo.lora import save_lora
 
-# settings that decide the LoRA's shape or meaning: a config must agree with the checkpoint on them
-STRUCTURE_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+# the settings group that decides the LoRA's shape and meaning: a config must agree with the checkpoint on it
+STRUCTURE_GROUP = "lora"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -57,11 +57,12 @@ def build_module(
 
         args = [item for path in config for item in ("--config", str(path))]
         model = build_cli([*args, *overrides, "--trainer.logger=false"], run=False).model
-        for key in STRUCTURE_KEYS:
-            if key in saved and saved[key] != model.hparams[key]:
+        trained, configured = saved.get(STRUCTURE_GROUP, {}), model.hparams[STRUCTURE_GROUP]
+        for key, value in trained.items():
+            if configured.get(key) != value:
                 raise UserInputError(
-                    f"the checkpoint was trained with model.{key}={saved[key]!r} but the config gives "
-                    f"{model.hparams[key]!r}; pass --model.{key}={saved[key]}"
+                    f"the checkpoint was trained with model.{STRUCTURE_GROUP}.{key}={value!r} but the config "
+                    f"gives {configured.get(key)!r}; pass --model.{STRUCTURE_GROUP}.{key}={value}"
                 )
         return model
     if not saved:
@@ -70,10 +71,15 @@ def build_module(
         key, sep, value = item.removeprefix("--").partition("=")
         if not sep or not key.startswith("model."):
             raise UserInputError(f"unknown argument {item!r}: use --model.KEY=VALUE (or pass --config)")
-        name = key.removeprefix("model.")
-        if name not in saved:
-            raise UserInputError(f"unknown model setting {name!r}")
-        saved[name] = yaml.safe_load(value)
+        *groups, name = key.removeprefix("model.").split(".")
+        target = saved
+        for group in groups:
+            target = target.get(group) if isinstance(target.get(group), dict) else None
+            if target is None:
+                raise UserInputError(f"unknown model setting {key.removeprefix('model.')!r}")
+        if name not in target:
+            raise UserInputError(f"unknown model setting {key.removeprefix('model.')!r}")
+        target[name] = yaml.safe_load(value)
     return TPGRPOModule(**saved)
 
 

@@ -24,9 +24,21 @@ from tpgrpo.images import image_grid
 from tpgrpo.lora import add_lora, disabled_adapter, full_tensor, lora_parameters
 from tpgrpo.pipelines import FlowModel, PromptEmbeds, load_flow_model
 from tpgrpo.prompt_length import PromptLengthCheck
-from tpgrpo.rewards import build_reward
 from tpgrpo.rollout import Rollout, ode_sample, rollout, sample_window_start
-from tpgrpo.sde import STEP_KINDS, kl_to_reference, sde_step, step_std
+from tpgrpo.sde import kl_to_reference, sde_step, step_std
+from tpgrpo.settings import (
+    CreditConfig,
+    EvaluationConfig,
+    LoRAConfig,
+    OptimizerConfig,
+    RewardsSetting,
+    SamplingConfig,
+    UpdateConfig,
+    as_group,
+    build_rewards,
+    group_dicts,
+    parse_rewards,
+)
 from tpgrpo.tiny.components import DEFAULT_MODEL_DIR
 
 
@@ -45,166 +57,82 @@ def _seed_for(*parts: Any) -> int:
 
 
 class TPGRPOModule(LightningModule):
-    """TP-GRPO (or Flow-GRPO with ``credit="outcome"``) fine-tuning of a flow-matching model's LoRA.
+    """TP-GRPO (or Flow-GRPO with ``credit.method: outcome``) fine-tuning of a flow-matching model's LoRA.
+
+    The settings come in named groups (`tpgrpo.settings`), each checked when it is built; a group
+    may be given as its dataclass or as a mapping of its settings.
 
     Args:
         pretrained_path: hub id or local folder of a diffusers SD3 / FLUX pipeline; defaults to
             the shipped tiny model.
         family: "auto" (read the folder), "sd3" or "flux".
-        credit: "tp" (turning points, TP-GRPO) or "outcome" (Flow-GRPO: every step gets R_W).
-        rewards: reward names and weights, e.g. ``{"pickscore": 1.0, "ocr": 0.5}``.
-        reward_options: keyword arguments per reward name.
-        resolution: image side in pixels.
-        num_steps: denoising steps ``T`` of a training rollout.
-        eval_num_steps: ODE steps for validation / test / predict.
-        guidance_scale: classifier-free guidance during rollouts and training (1 disables CFG).
-        eval_guidance_scale: guidance for validation / test / predict.
-        noise_level: ``a`` of the SDE step.
-        step_kind: "cps" (TP-GRPO default) or "sde" (Flow-GRPO).
-        window_size: ``W``, number of stochastic (trained) steps.
-        window_range: ``(lo, hi)`` steps the window may cover; the start is drawn from [lo, hi-W].
-        same_noise_per_group: all images of a prompt start from the same initial noise.
-        eta: scale of the long-term reward given at turning points.
-        balance: balance turning points of rising and falling trajectories.
-        balance_scope: "rank" (spec: over each rank's batch) or "global" (over all ranks' batches).
-        branch_steps: approximation, off (None) by default: complete branches with this many ODE steps.
-        clip_range: PPO ratio clip ``ε``.
-        advantage_clip: advantages are clamped to ``±advantage_clip``.
-        advantage_eps: added to the group std.
-        global_std: normalise advantages by the std of the whole batch instead of each group's.
-        kl_beta: weight ``β`` of the KL to the reference (the base model, adapter disabled).
-        optimizer_steps_per_batch: optimizer steps over one rollout batch (its samples split evenly).
-        train_micro_batch: samples per forward/backward during the update (None: a whole part).
-        rollout_max_batch: most latents per transformer call during rollouts (None: no limit).
-        decode_batch_size: most latents per VAE decode call.
-        learning_rate, adam_betas, weight_decay, adam_eps: AdamW settings.
-        warmup_steps: linear learning-rate warm-up in optimizer steps (0: constant).
-        max_grad_norm: gradient-norm clip.
-        lora_rank, lora_alpha: LoRA size and scale.
-        lora_targets: module names to adapt; None uses the model family's attention projections.
-        gradient_checkpointing: recompute transformer blocks in the backward pass to save memory.
+        rewards: reward names and weights, each a weight or a mapping of the weight and the
+            reward's options, e.g. ``{pickscore: 1.0, ocr: {weight: 0.5, engine: tesseract}}``.
+        sampling: training rollouts (`tpgrpo.settings.SamplingConfig`).
+        credit: turning-point or outcome credit and advantages (`tpgrpo.settings.CreditConfig`).
+        update: the clipped GRPO update (`tpgrpo.settings.UpdateConfig`).
+        optimizer: AdamW and warm-up (`tpgrpo.settings.OptimizerConfig`).
+        lora: the adapter (`tpgrpo.settings.LoRAConfig`).
+        evaluation: validation / test / predict and image logging (`tpgrpo.settings.EvaluationConfig`).
         max_sequence_length: text tokens of the T5 encoder (SD3 / FLUX).
-        log_images_every_n_steps: how often the rollout image grid goes to TensorBoard (0: never).
-        predict_dir: where ``predict`` writes its images.
         seed: base seed of rollout noise and window draws (per rank and step).
-        max_bad_steps: consecutive steps with NaN/inf rewards, losses or gradients tolerated
-            (each is skipped with a warning) before training stops with an error.
     """
 
     def __init__(
         self,
         pretrained_path: str = str(DEFAULT_MODEL_DIR),
         family: str = "auto",
-        credit: str = "tp",
-        rewards: dict[str, float] | None = None,
-        reward_options: dict[str, dict[str, Any]] | None = None,
-        resolution: int = 32,
-        num_steps: int = 10,
-        eval_num_steps: int = 10,
-        guidance_scale: float = 4.5,
-        eval_guidance_scale: float = 4.5,
-        noise_level: float = 0.7,
-        step_kind: str = "cps",
-        window_size: int = 9,
-        window_range: tuple[int, int] | None = None,
-        same_noise_per_group: bool = False,
-        eta: float = 1.0,
-        balance: bool = True,
-        balance_scope: str = "rank",
-        branch_steps: int | None = None,
-        clip_range: float = 1e-5,
-        advantage_clip: float = 5.0,
-        advantage_eps: float = 1e-4,
-        global_std: bool = False,
-        kl_beta: float = 1e-4,
-        optimizer_steps_per_batch: int = 2,
-        train_micro_batch: int | None = None,
-        rollout_max_batch: int | None = None,
-        decode_batch_size: int = 16,
-        learning_rate: float = 3e-4,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 1e-4,
-        adam_eps: float = 1e-8,
-        warmup_steps: int = 0,
-        max_grad_norm: float = 1.0,
-        lora_rank: int = 32,
-        lora_alpha: float = 64.0,
-        lora_targets: list[str] | None = None,
-        gradient_checkpointing: bool = False,
+        rewards: RewardsSetting | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        credit: CreditConfig = CreditConfig(),
+        update: UpdateConfig = UpdateConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        lora: LoRAConfig = LoRAConfig(),
+        evaluation: EvaluationConfig = EvaluationConfig(),
         max_sequence_length: int = 256,
-        log_images_every_n_steps: int = 50,
-        predict_dir: str = "outputs/predict",
         seed: int = 0,
-        max_bad_steps: int = 5,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.sampling = as_group(SamplingConfig, sampling)
+        self.credit = as_group(CreditConfig, credit)
+        self.update_config = as_group(UpdateConfig, update)
+        self.optimizer_config = as_group(OptimizerConfig, optimizer)
+        self.lora = as_group(LoRAConfig, lora)
+        self.evaluation = as_group(EvaluationConfig, evaluation)
+        self.reward_specs = parse_rewards(rewards)
+        _check(max_sequence_length >= 1, f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        self.save_hyperparameters(
+            {
+                "pretrained_path": pretrained_path,
+                "family": family,
+                "rewards": {spec.name: {"weight": spec.weight, **spec.options} for spec in self.reward_specs},
+                **group_dicts(
+                    sampling=self.sampling, credit=self.credit, update=self.update_config,
+                    optimizer=self.optimizer_config, lora=self.lora, evaluation=self.evaluation,
+                ),
+                "max_sequence_length": max_sequence_length,
+                "seed": seed,
+            }
+        )
+        self.seed = seed
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the LoRA and training state, not the frozen base
-        self.rewards_weights = dict(rewards or {"shapes": 1.0})
         self.bad_steps = 0  # consecutive skipped steps
         self.skipped_steps = 0
-        self._validate()
         self.flow: FlowModel = load_flow_model(
-            pretrained_path, family=family, max_sequence_length=max_sequence_length, decode_batch_size=decode_batch_size
+            pretrained_path,
+            family=family,
+            max_sequence_length=max_sequence_length,
+            decode_batch_size=self.sampling.decode_batch_size,
         )
         self.transformer = self.flow.transformer
-        add_lora(self.transformer, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets, family=self.flow.family)
-        if gradient_checkpointing:
+        add_lora(
+            self.transformer, rank=self.lora.rank, alpha=self.lora.alpha, target_modules=self.lora.targets,
+            family=self.flow.family,
+        )
+        if self.update_config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        try:
-            self.reward = build_reward(self.rewards_weights, reward_options)
-        except ValueError as error:
-            raise UserInputError(str(error)) from None
-
-    # ----------------------------------------------------------------------------- config checks
-    def _validate(self) -> None:
-        h = self.hparams
-        _check(h.credit in credit_rules.CREDITS, f"credit must be one of {sorted(credit_rules.CREDITS)}, got {h.credit!r}")
-        _check(h.balance_scope in ("rank", "global"), f'balance_scope must be "rank" or "global", got {h.balance_scope!r}')
-        _check(h.step_kind in STEP_KINDS, f"step_kind must be one of {STEP_KINDS}, got {h.step_kind!r}")
-        _check(h.num_steps >= 1 and h.eval_num_steps >= 1, "num_steps and eval_num_steps must be >= 1")
-        _check(
-            1 <= h.window_size <= h.num_steps,
-            f"window_size ({h.window_size}) must be between 1 and num_steps ({h.num_steps}); "
-            "lower window_size or raise num_steps",
-        )
-        if h.window_range is not None:
-            lo, hi = h.window_range
-            _check(
-                0 <= lo < hi <= h.num_steps and hi - lo >= h.window_size,
-                f"window_range {tuple(h.window_range)} must satisfy 0 <= lo < hi <= num_steps ({h.num_steps}) "
-                f"and hold window_size ({h.window_size}) steps",
-            )
-        _check(
-            0.0 < h.noise_level <= 1.0,
-            f"noise_level must be in (0, 1] (0 leaves no noise, so no log-probabilities to train), got {h.noise_level}",
-        )
-        _check(0 < h.clip_range < 1, f"clip_range (PPO ε) must be in (0, 1), got {h.clip_range}")
-        _check(0 <= h.kl_beta < float("inf"), f"kl_beta must be >= 0 and finite, got {h.kl_beta}")
-        _check(h.optimizer_steps_per_batch >= 1, "optimizer_steps_per_batch must be >= 1")
-        _check(0 < h.learning_rate < float("inf"), f"learning_rate must be > 0 and finite, got {h.learning_rate}")
-        _check(h.resolution > 0, f"resolution must be > 0, got {h.resolution}")
-        _check(bool(self.rewards_weights), "rewards must name at least one reward, e.g. {shapes: 1.0}")
-        _check(h.branch_steps is None or h.branch_steps >= 1, "branch_steps must be >= 1 or null")
-        _check(h.max_bad_steps >= 0, "max_bad_steps must be >= 0")
-        _check(h.advantage_clip > 0, f"advantage_clip must be > 0, got {h.advantage_clip}")
-        _check(h.advantage_eps > 0, f"advantage_eps must be > 0 (it keeps a constant group finite), got {h.advantage_eps}")
-        _check(0 <= h.eta < float("inf"), f"eta must be >= 0 and finite, got {h.eta}")
-        _check(h.max_grad_norm > 0, f"max_grad_norm must be > 0, got {h.max_grad_norm}")
-        _check(h.warmup_steps >= 0, f"warmup_steps must be >= 0, got {h.warmup_steps}")
-        _check(all(0 <= b < 1 for b in h.adam_betas), f"adam_betas must be in [0, 1), got {tuple(h.adam_betas)}")
-        _check(h.weight_decay >= 0 and h.adam_eps > 0, "weight_decay must be >= 0 and adam_eps > 0")
-        _check(h.lora_rank >= 1, f"lora_rank must be >= 1, got {h.lora_rank}")
-        _check(h.lora_alpha > 0, f"lora_alpha must be > 0, got {h.lora_alpha}")
-        _check(
-            h.guidance_scale >= 0 and h.eval_guidance_scale >= 0,
-            f"guidance_scale and eval_guidance_scale must be >= 0 (1 disables guidance), "
-            f"got {h.guidance_scale} and {h.eval_guidance_scale}",
-        )
-        for name in ("train_micro_batch", "rollout_max_batch"):
-            _check(h[name] is None or h[name] >= 1, f"{name} must be >= 1 or null, got {h[name]}")
-        _check(h.log_images_every_n_steps >= 0, "log_images_every_n_steps must be >= 0 (0: never)")
+        self.reward = build_rewards(rewards)
 
     def configure_model(self) -> None:
         """Under ``strategy: fsdp2``: shard each transformer block over the ranks (bf16 compute with bf16 precision)."""
@@ -221,15 +149,14 @@ class TPGRPOModule(LightningModule):
 
     # --------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
-        h = self.hparams
         optimizer = torch.optim.AdamW(
             lora_parameters(self.transformer),
-            lr=h.learning_rate,
-            betas=tuple(h.adam_betas),
-            weight_decay=h.weight_decay,
-            eps=h.adam_eps,
+            lr=self.optimizer_config.learning_rate,
+            betas=tuple(self.optimizer_config.betas),
+            weight_decay=self.optimizer_config.weight_decay,
+            eps=self.optimizer_config.eps,
         )
-        warmup = max(h.warmup_steps, 0)
+        warmup = max(self.optimizer_config.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -262,17 +189,16 @@ class TPGRPOModule(LightningModule):
         noise whichever rank or batch position it has: seeds differ per rank, runs are reproducible,
         and N ranks compute what one process computes on the union of their batches.
         """
-        h = self.hparams
-        shape = self.flow.latent_shape(h.resolution)
+        shape = self.flow.latent_shape(self.sampling.resolution)
         groups, members = group_ids.tolist(), credit_rules.group_members(group_ids).tolist()
         initial, window = [], []
         for group, member in zip(groups, members):
-            generator = torch.Generator().manual_seed(_seed_for(h.seed, step, group, member))
-            if h.same_noise_per_group:
-                initial.append(torch.randn(shape, generator=torch.Generator().manual_seed(_seed_for(h.seed, step, group))))
+            generator = torch.Generator().manual_seed(_seed_for(self.seed, step, group, member))
+            if self.sampling.same_noise_per_group:
+                initial.append(torch.randn(shape, generator=torch.Generator().manual_seed(_seed_for(self.seed, step, group))))
             else:
                 initial.append(torch.randn(shape, generator=generator))
-            window.append(torch.randn((h.window_size, *shape), generator=generator))
+            window.append(torch.randn((self.sampling.window_size, *shape), generator=generator))
         return torch.stack(initial).to(self.device), torch.stack(window).to(self.device)
 
     def _credit(self, sequence: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -282,21 +208,20 @@ class TPGRPOModule(LightningModule):
         ``balance_scope="global"``, over all ranks' batches; ``global_std`` divides by the std of
         all ranks' step rewards. Groups are never split over ranks (`tpgrpo.data.GroupSampler`).
         """
-        h = self.hparams
         own = slice(self.global_rank * len(group_ids), (self.global_rank + 1) * len(group_ids))
-        if h.credit != "tp":
-            per_step = credit_rules.outcome_rewards(sequence[:, -1], h.window_size)
-        elif h.balance_scope == "global" and world_size() > 1:
-            per_step = credit_rules.turning_point_rewards(gather_rows(sequence), eta=h.eta, balance=h.balance)[own]
+        if self.credit.method != "tp":
+            per_step = credit_rules.outcome_rewards(sequence[:, -1], self.sampling.window_size)
+        elif self.credit.balance_scope == "global" and world_size() > 1:
+            per_step = credit_rules.turning_point_rewards(gather_rows(sequence), eta=self.credit.eta, balance=self.credit.balance)[own]
         else:
-            per_step = credit_rules.turning_point_rewards(sequence, eta=h.eta, balance=h.balance)
-        if h.global_std and world_size() > 1:
+            per_step = credit_rules.turning_point_rewards(sequence, eta=self.credit.eta, balance=self.credit.balance)
+        if self.credit.global_std and world_size() > 1:
             advantages = credit_rules.group_advantages(
-                gather_rows(per_step), gather_rows(group_ids), eps=h.advantage_eps, global_std=True, clip=h.advantage_clip
+                gather_rows(per_step), gather_rows(group_ids), eps=self.credit.advantage_eps, global_std=True, clip=self.credit.advantage_clip
             )[own]
         else:
             advantages = credit_rules.group_advantages(
-                per_step, group_ids, eps=h.advantage_eps, global_std=h.global_std, clip=h.advantage_clip
+                per_step, group_ids, eps=self.credit.advantage_eps, global_std=self.credit.global_std, clip=self.credit.advantage_clip
             )
         return per_step, advantages
 
@@ -318,28 +243,27 @@ class TPGRPOModule(LightningModule):
 
         ``step`` (any hashable value) seeds the rollout noise together with ``seed`` and the rank.
         """
-        h = self.hparams
         prompts, metadata, group_ids = batch["prompts"], batch["metadata"], batch["group_ids"].to(self.device)
         # the same window on every rank: ranks must make the same transformer calls (see tpgrpo.distributed)
         window_start = sample_window_start(
-            h.num_steps, h.window_size, h.window_range, torch.Generator().manual_seed(_seed_for(h.seed, step))
+            self.sampling.num_steps, self.sampling.window_size, self.sampling.window_range, torch.Generator().manual_seed(_seed_for(self.seed, step))
         )
         initial_noise, step_noise = self._rollout_noise(group_ids, step)
         cond = self._conditioning(prompts)
         was_training = self.transformer.training
         self.transformer.eval()
         result = rollout(
-            self._velocity_fn(cond, h.guidance_scale),
+            self._velocity_fn(cond, self.sampling.guidance_scale),
             initial_noise,
-            self.flow.sigmas(h.num_steps, h.resolution).to(self.device),
+            self.flow.sigmas(self.sampling.num_steps, self.sampling.resolution).to(self.device),
             window_start,
-            h.window_size,
-            h.noise_level,
-            kind=h.step_kind,
-            branches=h.credit == "tp",
+            self.sampling.window_size,
+            self.sampling.noise_level,
+            kind=self.sampling.step_kind,
+            branches=self.credit.method == "tp",
             step_noise=step_noise,
-            branch_steps=h.branch_steps,
-            max_batch=h.rollout_max_batch,
+            branch_steps=self.credit.branch_steps,
+            max_batch=self.sampling.rollout_max_batch,
         )
         self.transformer.train(was_training)
         num_images, completions = result.final_latents.shape[:2]
@@ -367,26 +291,25 @@ class TPGRPOModule(LightningModule):
         self, result: Rollout, index: int, rows: Tensor, advantages: Tensor, cond: PromptEmbeds
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped policy loss (+ β·KL) of window transition ``index`` for the images ``rows``."""
-        h = self.hparams
         sigma = float(result.trained_sigmas[index])
         sigma_next = float(result.trained_sigmas_next[index])
         sample = result.states[rows, index]
         taken = result.states[rows, index + 1]
-        velocity_fn = self._velocity_fn(cond, h.guidance_scale)
+        velocity_fn = self._velocity_fn(cond, self.sampling.guidance_scale)
         velocity = velocity_fn(sample, sigma, rows)
-        _, log_prob, mean = sde_step(velocity, sample, sigma, sigma_next, h.noise_level, h.step_kind, prev_sample=taken)
+        _, log_prob, mean = sde_step(velocity, sample, sigma, sigma_next, self.sampling.noise_level, self.sampling.step_kind, prev_sample=taken)
         loss, metrics = credit_rules.clipped_policy_loss(
-            log_prob, result.log_probs[rows, index], advantages, h.clip_range, h.advantage_clip
+            log_prob, result.log_probs[rows, index], advantages, self.update_config.clip_range, self.credit.advantage_clip
         )
-        if h.kl_beta > 0:
+        if self.update_config.kl_beta > 0:
             with torch.no_grad(), disabled_adapter(self.transformer):
                 reference_velocity = velocity_fn(sample, sigma, rows)
             _, _, reference_mean = sde_step(
-                reference_velocity, sample, sigma, sigma_next, h.noise_level, h.step_kind, prev_sample=taken
+                reference_velocity, sample, sigma, sigma_next, self.sampling.noise_level, self.sampling.step_kind, prev_sample=taken
             )
-            std = step_std(torch.tensor(sigma), torch.tensor(sigma_next), h.noise_level, h.step_kind)
+            std = step_std(torch.tensor(sigma), torch.tensor(sigma_next), self.sampling.noise_level, self.sampling.step_kind)
             kl = kl_to_reference(mean, reference_mean, std).mean()
-            loss = loss + h.kl_beta * kl
+            loss = loss + self.update_config.kl_beta * kl
             metrics["kl"] = kl.detach()
         metrics["policy_loss"] = loss.detach()
         metrics["log_prob_diff"] = (log_prob.detach() - result.log_probs[rows, index]).abs().max()
@@ -401,18 +324,17 @@ class TPGRPOModule(LightningModule):
         steps by `tpgrpo.credit.update_parts`, and each step's loss is the mean over that part's
         images on all ranks, so N ranks take the steps one process takes on their joint batch.
         """
-        h = self.hparams
         advantages = collected["advantages"]
         active = credit_rules.active_rows(advantages)
-        part_of = credit_rules.update_parts(collected["group_ids"], h.optimizer_steps_per_batch)
+        part_of = credit_rules.update_parts(collected["group_ids"], self.update_config.optimizer_steps_per_batch)
         totals: dict[str, list[Tensor]] = {}
-        step_losses = torch.zeros(h.optimizer_steps_per_batch)
-        for index in range(h.optimizer_steps_per_batch):
+        step_losses = torch.zeros(self.update_config.optimizer_steps_per_batch)
+        for index in range(self.update_config.optimizer_steps_per_batch):
             part = (active & (part_of == index)).nonzero().flatten()
             part_total = int(all_ranks_sum(part.numel(), self.device))
             if part_total:
                 step_losses[index] = self._accumulate(collected, part, part_total, totals)
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer), h.max_grad_norm))
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer), self.update_config.max_grad_norm))
             if part_total and not torch.isfinite(grad_norm):
                 self.optimizers().zero_grad(set_to_none=True)
                 self._skip_step("the loss or its gradient is NaN or infinite")
@@ -434,7 +356,7 @@ class TPGRPOModule(LightningModule):
         """
         result: Rollout = collected["rollout"]
         transitions = self.trained_transitions(result)
-        micro = self.hparams.train_micro_batch or max(part.numel(), 1)
+        micro = self.update_config.train_micro_batch or max(part.numel(), 1)
         chunks = list(part.split(micro))
         real_chunks = len(chunks)
         needed = int(all_ranks_max(real_chunks, self.device))
@@ -468,7 +390,7 @@ class TPGRPOModule(LightningModule):
         collected = self.collect(batch, step_key)
         if all_ranks_max(float(not torch.isfinite(collected["rewards"]).all()), self.device):
             self._skip_step("the reward is NaN or infinite for some images")
-            for _ in range(self.hparams.optimizer_steps_per_batch):
+            for _ in range(self.update_config.optimizer_steps_per_batch):
                 self._optimizer_step()
             return None
         update_metrics = self._update(collected)
@@ -484,14 +406,13 @@ class TPGRPOModule(LightningModule):
         self.skipped_steps += 1
         rank_zero_warn(f"skipping a training step: {reason} ({self.bad_steps} in a row)")
         self.log("train/skipped_steps", float(self.skipped_steps))
-        if self.bad_steps > self.hparams.max_bad_steps:
+        if self.bad_steps > self.update_config.max_bad_steps:
             raise TrainingDivergedError(
                 f"{self.bad_steps} consecutive training steps had NaN/inf values ({reason}); "
                 "lower the learning rate, check the reward, or resume from the last checkpoint"
             )
 
     def _log_training(self, collected: dict[str, Any], update: dict[str, float], elapsed: float) -> None:
-        h = self.hparams
         sequence = collected["rewards"]
         final = sequence[:, -1]
         metrics = {
@@ -505,9 +426,9 @@ class TPGRPOModule(LightningModule):
             if key != "reward":
                 metrics[f"train/{key}"] = value[:, -1].float().nanmean()
         metrics.update({f"train/{k}": torch.tensor(v) for k, v in update.items()})
-        if h.credit == "tp":
+        if self.credit.method == "tp":
             raw = credit_rules.raw_turning_points(sequence)
-            kept = credit_rules.turning_points(sequence, balance=h.balance)
+            kept = credit_rules.turning_points(sequence, balance=self.credit.balance)
             metrics["train/turning_points_kept"] = kept.float().sum()
             metrics["train/turning_points_dropped"] = (raw & ~kept).float().sum()
             for k in range(sequence.shape[1]):
@@ -520,7 +441,7 @@ class TPGRPOModule(LightningModule):
             metrics[f"per_step/step_reward_mean_{t}"] = collected["step_rewards"][:, t].mean()
         self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=final.numel(), sync_dist=True)
         self.log("reward", final.mean(), prog_bar=True, batch_size=final.numel(), sync_dist=True)
-        every = h.log_images_every_n_steps
+        every = self.evaluation.log_images_every_n_steps
         if every and self.global_step % every == 0:
             self._log_image_grid("train/samples", collected["images"], final)
 
@@ -537,13 +458,12 @@ class TPGRPOModule(LightningModule):
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Tensor) -> Tensor:
         """Deterministic ODE samples (N, 3, H, W) in [0, 1], one per prompt and seed."""
-        h = self.hparams
         noise = torch.stack(
-            [self.flow.initial_noise(1, h.resolution, torch.Generator().manual_seed(int(s)))[0] for s in seeds]
+            [self.flow.initial_noise(1, self.sampling.resolution, torch.Generator().manual_seed(int(s)))[0] for s in seeds]
         ).to(self.device)
-        velocity_fn = self._velocity_fn(self._conditioning(prompts), h.eval_guidance_scale)
-        sigmas = self.flow.sigmas(h.eval_num_steps, h.resolution)
-        return self.flow.decode(ode_sample(velocity_fn, noise, sigmas, h.rollout_max_batch))
+        velocity_fn = self._velocity_fn(self._conditioning(prompts), self.evaluation.guidance_scale)
+        sigmas = self.flow.sigmas(self.evaluation.num_steps, self.sampling.resolution)
+        return self.flow.decode(ode_sample(velocity_fn, noise, sigmas, self.sampling.rollout_max_batch))
 
     def _evaluate(self, batch: Mapping[str, Any], stage: str) -> None:
         real = self._real_rows(batch)
@@ -612,7 +532,7 @@ class TPGRPOModule(LightningModule):
 
         from tpgrpo.images import save_image
 
-        out = Path(self.hparams.predict_dir)
+        out = Path(self.evaluation.predict_dir)
         out.mkdir(parents=True, exist_ok=True)
         images = self.sample(batch["prompts"], batch["seeds"])
         paths = []

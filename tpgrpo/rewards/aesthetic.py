@@ -10,7 +10,7 @@ The head's weights are read from a safetensors file only (never unpickled). The 
     python -m tpgrpo.rewards.aesthetic sac+logos+ava1-l14-linearMSE.pth aesthetic_head.safetensors
 
 which loads it with ``torch.load(..., weights_only=True)`` (tensors only, no code) and writes
-``aesthetic_head.safetensors``; then set ``reward_options: {aesthetic: {head: aesthetic_head.safetensors}}``.
+``aesthetic_head.safetensors``; then set ``rewards: {aesthetic: {weight: 1.0, head: aesthetic_head.safetensors}}``.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class AestheticScore(FrozenModelReward):
         super().__init__()
         if head is None:
             raise RewardConfigError(
-                "aesthetic: set reward_options.aesthetic.head to the head's .safetensors file "
+                "aesthetic: set rewards.aesthetic.head to the head's .safetensors file "
                 "(see `python -m tpgrpo.rewards.aesthetic --help` to convert the released .pth)"
             )
         self.head = freeze(load_head(head))

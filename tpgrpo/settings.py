@@ -1,0 +1,348 @@
+"""The model's settings in named groups: typed, documented, and range-checked on construction.
+
+Each group is a frozen dataclass nested under ``model:`` in the YAML (``model.sampling.noise_level``)
+and on the command line (``--model.sampling.noise_level 0.5``). A group is checked when it is
+built, so a wrong value fails with one line that says what to change, before any weights load;
+`check_model_settings` builds every group of a parsed config (``--print_config`` runs it too).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar, Union
+
+from tpgrpo.credit import CREDITS
+from tpgrpo.errors import UserInputError
+from tpgrpo.sde import STEP_KINDS
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserInputError(message)
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How training rollouts are sampled.
+
+    Args:
+        resolution: image side in pixels.
+        num_steps: denoising steps ``T`` of a training rollout.
+        guidance_scale: classifier-free guidance during rollouts and training (1 disables CFG).
+        noise_level: ``a`` of the SDE step.
+        step_kind: "cps" (TP-GRPO default) or "sde" (Flow-GRPO).
+        window_size: ``W``, number of stochastic (trained) steps.
+        window_range: ``(lo, hi)`` steps the window may cover; the start is drawn from [lo, hi-W].
+        same_noise_per_group: all images of a prompt start from the same initial noise.
+        rollout_max_batch: most latents per transformer call during rollouts (None: no limit).
+        decode_batch_size: most latents per VAE decode call.
+    """
+
+    resolution: int = 32
+    num_steps: int = 10
+    guidance_scale: float = 4.5
+    noise_level: float = 0.7
+    step_kind: str = "cps"
+    window_size: int = 9
+    window_range: Union[tuple[int, int], None] = None
+    same_noise_per_group: bool = False
+    rollout_max_batch: Union[int, None] = None
+    decode_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _check(self.resolution > 0, f"sampling.resolution must be > 0, got {self.resolution}")
+        _check(self.num_steps >= 1, f"sampling.num_steps must be >= 1, got {self.num_steps}")
+        _check(
+            _finite(self.guidance_scale) and self.guidance_scale >= 0,
+            f"sampling.guidance_scale must be >= 0 (1 disables guidance), got {self.guidance_scale}",
+        )
+        _check(
+            _finite(self.noise_level) and 0.0 < self.noise_level <= 1.0,
+            f"sampling.noise_level must be in (0, 1] (0 leaves no noise, so no log-probabilities to train), "
+            f"got {self.noise_level}",
+        )
+        _check(self.step_kind in STEP_KINDS, f"sampling.step_kind must be one of {STEP_KINDS}, got {self.step_kind!r}")
+        _check(
+            1 <= self.window_size <= self.num_steps,
+            f"sampling.window_size ({self.window_size}) must be between 1 and sampling.num_steps "
+            f"({self.num_steps}); lower window_size or raise num_steps",
+        )
+        if self.window_range is not None:
+            _check(len(self.window_range) == 2, f"sampling.window_range must be [lo, hi], got {self.window_range}")
+            lo, hi = self.window_range
+            _check(
+                0 <= lo < hi <= self.num_steps and hi - lo >= self.window_size,
+                f"sampling.window_range {tuple(self.window_range)} must satisfy 0 <= lo < hi <= num_steps "
+                f"({self.num_steps}) and hold window_size ({self.window_size}) steps",
+            )
+            object.__setattr__(self, "window_range", (int(lo), int(hi)))
+        _check(
+            self.rollout_max_batch is None or self.rollout_max_batch >= 1,
+            f"sampling.rollout_max_batch must be >= 1 or null, got {self.rollout_max_batch}",
+        )
+        _check(self.decode_batch_size >= 1, f"sampling.decode_batch_size must be >= 1, got {self.decode_batch_size}")
+
+
+@dataclass(frozen=True)
+class CreditConfig:
+    """How rewards become per-step rewards and advantages.
+
+    Args:
+        method: "tp" (turning points, TP-GRPO) or "outcome" (Flow-GRPO: every step gets R_W).
+        eta: scale of the long-term reward given at turning points.
+        balance: balance turning points of rising and falling trajectories.
+        balance_scope: "rank" (spec: over each rank's batch) or "global" (over all ranks' batches).
+        branch_steps: approximation, off (None) by default: complete branches with this many ODE steps.
+        advantage_clip: advantages are clamped to ``±advantage_clip``.
+        advantage_eps: added to the group std.
+        global_std: normalise advantages by the std of the whole batch instead of each group's.
+    """
+
+    method: str = "tp"
+    eta: float = 1.0
+    balance: bool = True
+    balance_scope: str = "rank"
+    branch_steps: Union[int, None] = None
+    advantage_clip: float = 5.0
+    advantage_eps: float = 1e-4
+    global_std: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.method in CREDITS, f"credit.method must be one of {sorted(CREDITS)}, got {self.method!r}")
+        _check(_finite(self.eta) and self.eta >= 0, f"credit.eta must be >= 0 and finite, got {self.eta}")
+        _check(
+            self.balance_scope in ("rank", "global"),
+            f'credit.balance_scope must be "rank" or "global", got {self.balance_scope!r}',
+        )
+        _check(
+            self.branch_steps is None or self.branch_steps >= 1,
+            f"credit.branch_steps must be >= 1 or null, got {self.branch_steps}",
+        )
+        _check(self.advantage_clip > 0, f"credit.advantage_clip must be > 0, got {self.advantage_clip}")
+        _check(
+            self.advantage_eps > 0,
+            f"credit.advantage_eps must be > 0 (it keeps a constant group finite), got {self.advantage_eps}",
+        )
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """The clipped GRPO update over one rollout batch.
+
+    Args:
+        clip_range: PPO ratio clip ``ε``.
+        kl_beta: weight ``β`` of the KL to the reference (the base model, adapter disabled).
+        optimizer_steps_per_batch: optimizer steps over one rollout batch (its samples split evenly).
+        train_micro_batch: samples per forward/backward during the update (None: a whole part).
+        max_grad_norm: gradient-norm clip.
+        gradient_checkpointing: recompute transformer blocks in the backward pass to save memory.
+        max_bad_steps: consecutive steps with NaN/inf rewards, losses or gradients tolerated
+            (each is skipped with a warning) before training stops with an error.
+    """
+
+    clip_range: float = 1e-5
+    kl_beta: float = 1e-4
+    optimizer_steps_per_batch: int = 2
+    train_micro_batch: Union[int, None] = None
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    max_bad_steps: int = 5
+
+    def __post_init__(self) -> None:
+        _check(0 < self.clip_range < 1, f"update.clip_range (PPO ε) must be in (0, 1), got {self.clip_range}")
+        _check(_finite(self.kl_beta) and self.kl_beta >= 0, f"update.kl_beta must be >= 0 and finite, got {self.kl_beta}")
+        _check(
+            self.optimizer_steps_per_batch >= 1,
+            f"update.optimizer_steps_per_batch must be >= 1, got {self.optimizer_steps_per_batch}",
+        )
+        _check(
+            self.train_micro_batch is None or self.train_micro_batch >= 1,
+            f"update.train_micro_batch must be >= 1 or null, got {self.train_micro_batch}",
+        )
+        _check(self.max_grad_norm > 0, f"update.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        _check(self.max_bad_steps >= 0, f"update.max_bad_steps must be >= 0, got {self.max_bad_steps}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW over the LoRA weights and a linear warm-up.
+
+    Args:
+        learning_rate: AdamW learning rate.
+        betas: AdamW ``(beta1, beta2)``.
+        weight_decay: AdamW weight decay.
+        eps: AdamW epsilon.
+        warmup_steps: linear learning-rate warm-up in optimizer steps (0: constant).
+    """
+
+    learning_rate: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            _finite(self.learning_rate) and self.learning_rate > 0,
+            f"optimizer.learning_rate must be > 0 and finite, got {self.learning_rate}",
+        )
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optimizer.betas must be two numbers in [0, 1), got {tuple(self.betas)}",
+        )
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        _check(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.eps > 0, f"optimizer.eps must be > 0, got {self.eps}")
+        _check(self.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The trained adapter.
+
+    Args:
+        rank: LoRA rank.
+        alpha: LoRA scale (the update is scaled by alpha / rank).
+        targets: module names to adapt; None uses the model family's attention projections.
+    """
+
+    rank: int = 32
+    alpha: float = 64.0
+    targets: Union[list[str], None] = None
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _check(_finite(self.alpha) and self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _check(
+            self.targets is None or (len(self.targets) > 0 and all(isinstance(t, str) for t in self.targets)),
+            f"lora.targets must be null or a non-empty list of module names, got {self.targets}",
+        )
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Validation, test and predict sampling (deterministic ODE), and image logging.
+
+    Args:
+        num_steps: ODE steps for validation / test / predict.
+        guidance_scale: guidance for validation / test / predict.
+        log_images_every_n_steps: how often the rollout image grid goes to TensorBoard (0: never).
+        predict_dir: where ``predict`` writes its images.
+    """
+
+    num_steps: int = 10
+    guidance_scale: float = 4.5
+    log_images_every_n_steps: int = 50
+    predict_dir: str = "outputs/predict"
+
+    def __post_init__(self) -> None:
+        _check(self.num_steps >= 1, f"evaluation.num_steps must be >= 1, got {self.num_steps}")
+        _check(
+            _finite(self.guidance_scale) and self.guidance_scale >= 0,
+            f"evaluation.guidance_scale must be >= 0 (1 disables guidance), got {self.guidance_scale}",
+        )
+        _check(
+            self.log_images_every_n_steps >= 0,
+            f"evaluation.log_images_every_n_steps must be >= 0 (0: never), got {self.log_images_every_n_steps}",
+        )
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward of the weighted total: its registered name, weight and keyword options."""
+
+    name: str
+    weight: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+RewardsSetting = dict[str, Union[float, dict[str, Any]]]
+DEFAULT_REWARDS: RewardsSetting = {"shapes": 1.0}
+
+
+def parse_rewards(rewards: Mapping[str, Any] | None) -> list[RewardSpec]:
+    """``{name: weight}`` or ``{name: {weight: w, <option>: value, ...}}`` -> checked `RewardSpec` list.
+
+    A weight must be a finite number and at least one must be non-zero: a NaN weight would skip
+    every step, and all-zero weights train on nothing.
+    """
+    rewards = DEFAULT_REWARDS if rewards is None else rewards
+    _check(isinstance(rewards, Mapping) and len(rewards) > 0, "rewards must name at least one reward, e.g. {shapes: 1.0}")
+    specs = []
+    for name, value in rewards.items():
+        if isinstance(value, Mapping):
+            options = dict(value)
+            _check("weight" in options, f"rewards.{name} needs a weight, e.g. {{{name}: {{weight: 1.0, ...options}}}}")
+            weight = options.pop("weight")
+        else:
+            weight, options = value, {}
+        _check(
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),
+            f"rewards.{name}: the weight must be a finite number, got {weight!r}",
+        )
+        specs.append(RewardSpec(str(name), float(weight), options))
+    _check(any(spec.weight != 0 for spec in specs), "rewards: all weights are zero; give at least one reward a non-zero weight")
+    return specs
+
+
+GROUPS: dict[str, type] = {
+    "sampling": SamplingConfig,
+    "credit": CreditConfig,
+    "update": UpdateConfig,
+    "optimizer": OptimizerConfig,
+    "lora": LoRAConfig,
+    "evaluation": EvaluationConfig,
+}
+G = TypeVar("G")
+
+
+def as_group(cls: type[G], value: Any) -> G:
+    """A group from itself, a mapping (e.g. a checkpoint's saved hyper-parameters) or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    group = next(name for name, kind in GROUPS.items() if kind is cls)
+    if hasattr(value, "__dict__") and not isinstance(value, Mapping):
+        value = vars(value)  # a jsonargparse Namespace
+    _check(isinstance(value, Mapping), f"{group} must be a mapping of settings, got {value!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    _check(not unknown, f"{group}.{unknown[0] if unknown else ''} is not a setting; known: {', '.join(sorted(known))}")
+    return cls(**dict(value))
+
+
+def group_dicts(**groups: Any) -> dict[str, dict[str, Any]]:
+    """Plain dictionaries of the groups (what checkpoints store as hyper-parameters)."""
+    return {name: asdict(group) for name, group in groups.items()}
+
+
+def check_model_settings(model: Mapping[str, Any] | Any) -> None:
+    """Range-check every group and the rewards of a parsed ``model:`` section (no weights loaded)."""
+    if hasattr(model, "__dict__") and not isinstance(model, Mapping):
+        model = vars(model)
+    for name, cls in GROUPS.items():
+        as_group(cls, model.get(name))
+    parse_rewards(model.get("rewards"))
+    from tpgrpo.pipelines import PIPELINE_FAMILIES
+
+    families = sorted(cls.family for cls in PIPELINE_FAMILIES.values())
+    family = model.get("family", "auto")
+    _check(family == "auto" or family in families, f"family must be auto or one of {families}, got {family!r}")
+    _check(int(model.get("max_sequence_length", 1)) >= 1, "max_sequence_length must be >= 1")
+
+
+def build_rewards(rewards: Mapping[str, Any] | None):
+    """The weighted reward (`tpgrpo.rewards.WeightedReward`) of a ``rewards`` setting."""
+    from tpgrpo.rewards import build_reward
+
+    specs = parse_rewards(rewards)
+    try:
+        return build_reward({s.name: s.weight for s in specs}, {s.name: s.options for s in specs if s.options})
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
