@@ -215,3 +215,10 @@ def test_loss_clamps_advantages_and_checks_shapes():
         clipped_policy_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), 0.1)
     with pytest.raises(ValueError, match="clip_range"):
         clipped_policy_loss(zeros, zeros, zeros, 0.0)
+
+
+def test_outcome_rule_takes_final_rewards_with_the_window_size():
+    final = torch.tensor([[0.5], [-1.0]])
+    torch.testing.assert_close(step_rewards("outcome", final, num_steps=3), torch.tensor([[0.5] * 3, [-1.0] * 3]))
+    with pytest.raises(ValueError, match="does not match"):
+        step_rewards("outcome", torch.zeros(2, 3), num_steps=4)

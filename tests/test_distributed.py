@@ -123,9 +123,12 @@ def test_balance_scope_balances_over_this_rank_or_all_ranks(monkeypatch, tiny_mo
     other = torch.tensor([[0.9, 0.7, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
     monkeypatch.setattr(module_file, "world_size", lambda: 2)
     monkeypatch.setattr(module_file, "gather_rows", lambda t: torch.cat([t, t if t.dtype == torch.long else other]))
-    per_step, _ = model._credit(own, torch.tensor([0, 0, 1, 1]))
+    per_step, _, kept = model._credit(own, torch.tensor([0, 0, 1, 1]))
     alone = credit.turning_point_rewards(own)
     together = credit.turning_point_rewards(torch.cat([own, other]))[:4]
     assert credit.turning_points(own).sum() == 2
     assert credit.turning_points(torch.cat([own, other]))[:4].nonzero().tolist() == [[1, 0]]
     torch.testing.assert_close(per_step, alone if scope == "rank" else together)
+    # the turning points returned (and logged) are the ones that trained, also when balanced globally
+    expected = credit.turning_points(own) if scope == "rank" else credit.turning_points(torch.cat([own, other]))[:4]
+    assert torch.equal(kept, expected)

@@ -126,9 +126,17 @@ def outcome_rewards(final_rewards: Tensor, num_steps: int) -> Tensor:
 
 
 @register_credit("outcome")
-def _outcome_from_sequence(rewards: Tensor) -> Tensor:
-    """Outcome credit on a reward sequence: (B, W+1) -> (B, W), every step gets R_W."""
+def _outcome_from_sequence(rewards: Tensor, num_steps: int | None = None) -> Tensor:
+    """Outcome credit on a reward sequence: (B, W+1) -> (B, W), every step gets R_W.
+
+    Outcome credit needs only the final reward: with ``num_steps`` (W) given, ``rewards`` may
+    also be (B, 1), the final rewards of a rollout without branches.
+    """
+    if num_steps is not None and rewards.ndim == 2 and rewards.shape[1] == 1:
+        return outcome_rewards(rewards[:, 0], num_steps)
     _check_rewards(rewards)
+    if num_steps is not None and num_steps != rewards.shape[1] - 1:
+        raise ValueError(f"num_steps ({num_steps}) does not match the rewards' W ({rewards.shape[1] - 1})")
     return outcome_rewards(rewards[:, -1], rewards.shape[1] - 1)
 
 

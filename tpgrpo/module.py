@@ -201,29 +201,35 @@ class TPGRPOModule(LightningModule):
             window.append(torch.randn((self.sampling.window_size, *shape), generator=generator))
         return torch.stack(initial).to(self.device), torch.stack(window).to(self.device)
 
-    def _credit(self, sequence: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-step rewards and advantages (N, W) of this rank's images from their rewards (N, W+1).
+    def _credit(self, sequence: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-step rewards and advantages (N, W) of this rank's images from their rewards (N, W+1),
+        and the turning points that got the long-term reward (bool (N, W); None for outcome credit).
 
         Turning points are balanced over this rank's batch (spec §3) or, with
         ``balance_scope="global"``, over all ranks' batches; ``global_std`` divides by the std of
         all ranks' step rewards. Groups are never split over ranks (`tpgrpo.data.GroupSampler`).
+        The returned turning points are the ones that trained, so logging them shows what trained.
         """
+        credit = self.credit
         own = slice(self.global_rank * len(group_ids), (self.global_rank + 1) * len(group_ids))
-        if self.credit.method != "tp":
-            per_step = credit_rules.outcome_rewards(sequence[:, -1], self.sampling.window_size)
-        elif self.credit.balance_scope == "global" and world_size() > 1:
-            per_step = credit_rules.turning_point_rewards(gather_rows(sequence), eta=self.credit.eta, balance=self.credit.balance)[own]
-        else:
-            per_step = credit_rules.turning_point_rewards(sequence, eta=self.credit.eta, balance=self.credit.balance)
-        if self.credit.global_std and world_size() > 1:
+        rows = gather_rows(sequence) if credit.balance_scope == "global" and world_size() > 1 else sequence
+        options = (
+            {"eta": credit.eta, "balance": credit.balance} if credit.method == "tp" else {"num_steps": self.sampling.window_size}
+        )
+        per_step = credit_rules.step_rewards(credit.method, rows, **options)
+        kept = credit_rules.turning_points(rows, balance=credit.balance) if credit.method == "tp" else None
+        if rows is not sequence:
+            per_step, kept = per_step[own], kept[own] if kept is not None else None
+        if credit.global_std and world_size() > 1:
             advantages = credit_rules.group_advantages(
-                gather_rows(per_step), gather_rows(group_ids), eps=self.credit.advantage_eps, global_std=True, clip=self.credit.advantage_clip
+                gather_rows(per_step), gather_rows(group_ids), eps=credit.advantage_eps, global_std=True,
+                clip=credit.advantage_clip,
             )[own]
         else:
             advantages = credit_rules.group_advantages(
-                per_step, group_ids, eps=self.credit.advantage_eps, global_std=self.credit.global_std, clip=self.credit.advantage_clip
+                per_step, group_ids, eps=credit.advantage_eps, global_std=credit.global_std, clip=credit.advantage_clip
             )
-        return per_step, advantages
+        return per_step, advantages, kept
 
     def _score(
         self, latents: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]
@@ -274,7 +280,7 @@ class TPGRPOModule(LightningModule):
             [m for m in metadata for _ in range(completions)],
         )
         sequence = scores["reward"].view(num_images, completions)
-        per_step, advantages = self._credit(sequence, group_ids)
+        per_step, advantages, kept = self._credit(sequence, group_ids)
         return {
             "rollout": result,
             "cond": cond,
@@ -282,6 +288,7 @@ class TPGRPOModule(LightningModule):
             "rewards": sequence,
             "scores": {k: v.view(num_images, completions) for k, v in scores.items()},
             "step_rewards": per_step,
+            "turning_points": kept,
             "advantages": advantages,
             "images": images.view(num_images, completions, *images.shape[1:])[:, -1],
         }
@@ -299,8 +306,8 @@ class TPGRPOModule(LightningModule):
         velocity = velocity_fn(sample, sigma, rows)
         _, log_prob, mean = sde_step(velocity, sample, sigma, sigma_next, self.sampling.noise_level, self.sampling.step_kind, prev_sample=taken)
         loss, metrics = credit_rules.clipped_policy_loss(
-            log_prob, result.log_probs[rows, index], advantages, self.update_config.clip_range, self.credit.advantage_clip
-        )
+            log_prob, result.log_probs[rows, index], advantages, self.update_config.clip_range, advantage_clip=None
+        )  # advantages were clipped once, in `_credit`
         if self.update_config.kl_beta > 0:
             with torch.no_grad(), disabled_adapter(self.transformer):
                 reference_velocity = velocity_fn(sample, sigma, rows)
@@ -426,9 +433,9 @@ class TPGRPOModule(LightningModule):
             if key != "reward":
                 metrics[f"train/{key}"] = value[:, -1].float().nanmean()
         metrics.update({f"train/{k}": torch.tensor(v) for k, v in update.items()})
-        if self.credit.method == "tp":
+        kept = collected["turning_points"]
+        if kept is not None:
             raw = credit_rules.raw_turning_points(sequence)
-            kept = credit_rules.turning_points(sequence, balance=self.credit.balance)
             metrics["train/turning_points_kept"] = kept.float().sum()
             metrics["train/turning_points_dropped"] = (raw & ~kept).float().sum()
             for k in range(sequence.shape[1]):
