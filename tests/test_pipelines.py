@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from tpgrpo.errors import UserInputError
 from tpgrpo.pipelines import FluxModel, FlowModel, ModelLoadError, PromptEmbeds, SD3Model, load_flow_model
-from tpgrpo.tiny import MAX_SEQUENCE_LENGTH, build_pipeline, build_tokenizer
+from tpgrpo.tiny import MAX_SEQUENCE_LENGTH, build_pipeline
+from tests.helpers.tiny_models import tiny_flux_pipeline
 
 PROMPTS = ["a photo of two red circles", "a blue square"]
 
@@ -222,37 +222,6 @@ def test_from_pipeline_rejects_other_pipelines():
 
 
 # ------------------------------------------------------------------------------------ FLUX
-def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
-    """FLUX with 2 transformer blocks, CLIP and T5 of width 32, a 2x VAE (16x16 images, 8x8x4 latents)."""
-    tokenizer = build_tokenizer(max_length=8)
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
-    )
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=8, **ids,
-    ))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
-        pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0,
-    ))
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16,
-        scaling_factor=0.5, shift_factor=0.1,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    return FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
-        transformer=transformer,
-    )
-
-
 @pytest.fixture(scope="module")
 def flux():
     return FlowModel.from_pipeline(tiny_flux_pipeline(), max_sequence_length=6)

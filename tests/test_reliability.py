@@ -132,7 +132,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(reference, tmp_path, t
     assert sorted(second_half["train/reward_mean"]) == [1, 2]  # the resumed run did not redo the first batch
     assert_same_metrics(metrics_full, metrics_resumed)
     assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(resumed.model.transformer))
-    assert all(torch.equal(x, y) for x, y in zip(ema_of(full.trainer).shadow, ema_of(resumed.trainer).shadow))
+    full_ema, resumed_ema = ema_of(full.trainer).shadow, ema_of(resumed.trainer).shadow
+    assert full_ema.keys() == resumed_ema.keys() and all(torch.equal(full_ema[k], resumed_ema[k]) for k in full_ema)
     adam, adam_resumed = full.trainer.optimizers[0].state_dict(), resumed.trainer.optimizers[0].state_dict()
     for key, state in adam["state"].items():
         for name in ("step", "exp_avg", "exp_avg_sq"):
@@ -236,13 +237,13 @@ class TwoStepsPerBatch(LightningModule):
     def __init__(self):
         super().__init__()
         self.automatic_optimization = False
-        self.weight = torch.nn.Parameter(torch.zeros(3))
+        self.lora_weight = torch.nn.Parameter(torch.zeros(3))
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
         for _ in range(2):
             optimizer.zero_grad()
-            self.manual_backward(((self.weight - batch.float().mean()) ** 2).sum())
+            self.manual_backward(((self.lora_weight - batch.float().mean()) ** 2).sum())
             optimizer.step()
 
     def configure_optimizers(self):
@@ -336,7 +337,7 @@ def test_ema_updates_when_a_batch_crosses_its_interval(tmp_path):
     module = TwoStepsPerBatch()
     small_trainer(tmp_path, [ema], max_steps=2).fit(module)
     assert ema._last_step == 2
-    torch.testing.assert_close(ema.shadow[0], 0.75 * module.weight.detach())
+    torch.testing.assert_close(ema.shadow["lora_weight"], 0.75 * module.lora_weight.detach())  # keyed by name
     ema3 = LoRAEMA(decay=0.5, every=3)
     small_trainer(tmp_path, [ema3], max_steps=8).fit(TwoStepsPerBatch())
     assert ema3._last_step == 6  # updated after the batches ending at steps 4 (crossed 3) and 6, not 2 or 8
@@ -394,7 +395,7 @@ def test_export_errors_are_one_line(reference, tmp_path, capsys):
     last = reference[0].trainer.checkpoint_callback.last_model_path
     for argv, message in [
         (["--ckpt", str(tmp_path / "none.ckpt")], "checkpoint not found"),
-        (["--ckpt", last, "--config", "configs/tiny.yaml"], "lora_rank=4"),  # the config's rank is 16
+        (["--ckpt", last, "--config", "configs/tiny.yaml"], "model.lora.rank=4"),  # the config's rank is 16
         (["--ckpt", last, "--model.no_such=1"], "unknown model setting"),
     ]:
         with pytest.raises(SystemExit) as stop:

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from tpgrpo.lora import trainable_parameters
+
 
 class LoRAEMA(Callback):
     """Keeps ``ema = decay·ema + (1 - decay)·param`` of every trainable parameter.
@@ -21,19 +23,23 @@ class LoRAEMA(Callback):
             raise ValueError(f"EMA update interval must be >= 1, got {every}")
         self.decay = decay
         self.every = every
-        self.shadow: list[torch.Tensor] = []
+        self.shadow: dict[str, torch.Tensor] = {}  # keyed by parameter name
         self._last_step = -1
 
-    @staticmethod
-    def _params(pl_module: LightningModule) -> list[torch.nn.Parameter]:
-        return [p for p in pl_module.parameters() if p.requires_grad]
+    def _params(self, pl_module: LightningModule) -> dict[str, torch.nn.Parameter]:
+        """The module's trainable parameters by name; the EMA must hold exactly these."""
+        params = trainable_parameters(pl_module)
+        if self.shadow and set(self.shadow) != set(params):
+            missing = sorted(set(params) ^ set(self.shadow))[0]
+            raise ValueError(f"the EMA weights do not fit the model's LoRA (e.g. {missing}); resume with the same LoRA settings")
+        return params
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         params = self._params(pl_module)
         if not self.shadow:
-            self.shadow = [p.detach().clone().float() for p in params]
+            self.shadow = {name: p.detach().clone().float() for name, p in params.items()}
         else:
-            self.shadow = [s.to(p.device) for s, p in zip(self.shadow, params)]
+            self.shadow = {name: self.shadow[name].to(p.device) for name, p in params.items()}
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
         self._step_before_batch = trainer.global_step
@@ -53,8 +59,8 @@ class LoRAEMA(Callback):
         self._last_step = step
         weight = 1.0 - self.decay**crossed
         with torch.no_grad():
-            for shadow, param in zip(self.shadow, self._params(pl_module)):
-                shadow.lerp_(param.detach().float(), weight)
+            for name, param in self._params(pl_module).items():
+                self.shadow[name].lerp_(param.detach().float(), weight)
 
     @contextmanager
     def swapped_in(self, pl_module: LightningModule):
@@ -63,16 +69,16 @@ class LoRAEMA(Callback):
         if not self.shadow:
             yield
             return
-        backup = [p.detach().clone() for p in params]
+        backup = {name: p.detach().clone() for name, p in params.items()}
         with torch.no_grad():
-            for p, s in zip(params, self.shadow):
-                p.copy_(s.to(device=p.device, dtype=p.dtype))
+            for name, p in params.items():
+                p.copy_(self.shadow[name].to(device=p.device, dtype=p.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, b in zip(params, backup):
-                    p.copy_(b)
+                for name, p in params.items():
+                    p.copy_(backup[name])
 
     def _enter(self, pl_module: LightningModule) -> None:
         self._context = self.swapped_in(pl_module)
@@ -93,8 +99,10 @@ class LoRAEMA(Callback):
     on_predict_end = on_validation_end
 
     def state_dict(self) -> dict:
-        return {"shadow": [s.cpu() for s in self.shadow], "last_step": self._last_step}
+        return {"shadow": {name: s.cpu() for name, s in self.shadow.items()}, "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.shadow = [s.clone() for s in state_dict["shadow"]]
+        if not isinstance(state_dict.get("shadow"), dict):
+            raise ValueError("the checkpoint's EMA state is from an older tpgrpo (weights by position, not by name)")
+        self.shadow = {name: s.clone() for name, s in state_dict["shadow"].items()}
         self._last_step = state_dict["last_step"]

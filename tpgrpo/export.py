@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from tpgrpo.errors import UserInputError
-from tpgrpo.lora import save_lora
+from tpgrpo.lora import save_lora, trainable_parameters
 
 # the settings group that decides the LoRA's shape and meaning: a config must agree with the checkpoint on it
 STRUCTURE_GROUP = "lora"
@@ -37,8 +37,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserInputError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
 
 
-def ema_weights(checkpoint: dict[str, Any]) -> list[torch.Tensor] | None:
-    """The EMA shadow weights saved by `tpgrpo.ema.LoRAEMA`, or None."""
+def ema_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The EMA shadow weights saved by `tpgrpo.ema.LoRAEMA` (by parameter name), or None."""
     for key, state in checkpoint.get("callbacks", {}).items():
         if str(key).startswith("LoRAEMA") and isinstance(state, dict) and state.get("shadow"):
             return state["shadow"]
@@ -97,12 +97,14 @@ def export_checkpoint(
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     shadow = ema_weights(checkpoint) if use_ema else None
     if shadow is not None:
-        params = [p for p in module.parameters() if p.requires_grad]
-        if len(shadow) != len(params) or any(s.shape != p.shape for s, p in zip(shadow, params)):
+        params = trainable_parameters(module)
+        if not isinstance(shadow, dict) or set(shadow) != set(params) or any(
+            shadow[name].shape != p.shape for name, p in params.items()
+        ):
             raise UserInputError(f"{ckpt}: the EMA weights do not fit the model's LoRA")
         with torch.no_grad():
-            for param, value in zip(params, shadow):
-                param.copy_(value.to(dtype=param.dtype))
+            for name, param in params.items():
+                param.copy_(shadow[name].to(dtype=param.dtype))
     path = save_lora(module.transformer, out, pipeline_class=module.flow.pipeline_class)
     return path, shadow is not None
 

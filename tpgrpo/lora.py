@@ -81,6 +81,12 @@ def named_lora_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, param) for name, param in module.named_parameters() if "lora_" in name]
 
 
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The one rule for what trains (and what EMA, checkpoints and export hold): the LoRA
+    parameters of ``module``, by name, in module order."""
+    return dict(named_lora_parameters(module))
+
+
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The LoRA parameters of ``module``, in the order of `named_lora_parameters`."""
     return [param for _, param in named_lora_parameters(module)]

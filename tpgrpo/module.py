@@ -21,7 +21,7 @@ from tpgrpo import credit as credit_rules
 from tpgrpo.distributed import all_ranks_max, all_ranks_sum, gather_rows, is_sharded, shard_transformer, world_size
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import image_grid
-from tpgrpo.lora import add_lora, disabled_adapter, full_tensor, lora_parameters
+from tpgrpo.lora import add_lora, disabled_adapter, full_tensor, lora_parameters, trainable_parameters
 from tpgrpo.pipelines import FlowModel, PromptEmbeds, load_flow_model
 from tpgrpo.prompt_length import PromptLengthCheck
 from tpgrpo.rollout import Rollout, ode_sample, rollout, sample_window_start
@@ -509,12 +509,34 @@ class TPGRPOModule(LightningModule):
             return
         stderr = rewards.std() / rewards.numel() ** 0.5 if rewards.numel() > 1 else torch.zeros(())
         self.log(f"{stage}/reward_stderr", stderr, sync_dist=False, rank_zero_only=True)
+        self._log_geneval_overall(stage)
         if self._eval_outputs:
             self.eval_summary = {
                 key: torch.cat([o[key] for o in self._eval_outputs]).float() for key in self._eval_outputs[0]
             }
         if self._eval_images is not None:
             self._log_image_grid(f"{stage}/samples", *self._eval_images)
+
+    def _log_geneval_overall(self, stage: str) -> None:
+        """GenEval's summary number (the mean over its six tags of the correct rate, over all ranks'
+        images) when the reward reports per-tag results (the ``geneval`` reward)."""
+        from tpgrpo.rewards.geneval import TAGS
+
+        keys = [f"geneval/{tag}" for tag in TAGS]
+        if not self._eval_outputs or not all(key in self._eval_outputs[0] for key in keys):
+            return
+        from tpgrpo.rewards.geneval_detector import geneval_overall
+
+        means = {}
+        for key in keys:
+            values = torch.cat([o[key] for o in self._eval_outputs]).float()
+            applicable = values[~values.isnan()]
+            total = all_ranks_sum(float(applicable.sum()), self.device)
+            count = all_ranks_sum(float(applicable.numel()), self.device)
+            means[key] = float(total / count) if count else float("nan")
+        overall = geneval_overall(means)
+        if overall == overall:  # not NaN
+            self.log(f"{stage}/geneval/overall", overall, sync_dist=False, rank_zero_only=True)
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
@@ -554,7 +576,7 @@ class TPGRPOModule(LightningModule):
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable (LoRA) weights: the frozen base comes from ``pretrained_path``."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        trainable = set(trainable_parameters(self))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         from tpgrpo.rng import rng_states
 
@@ -567,7 +589,7 @@ class TPGRPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's LoRA fits this model (loading is not strict), restore counters and RNGs."""
-        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        own = trainable_parameters(self)
         saved = checkpoint.get("state_dict")
         if saved is None:  # fsdp2 loads the weights itself and passes on the rest
             saved = dict(own)

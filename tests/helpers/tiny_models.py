@@ -1,0 +1,102 @@
+"""Tiny random stand-ins of the real model classes, built offline (no download)."""
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+    Mask2FormerImageProcessor,
+    SwinConfig,
+    T5Config,
+    T5EncoderModel,
+)
+
+from tpgrpo.rewards.geneval_detector import COLORS, GENEVAL_OBJECTS, color_prompts
+from tpgrpo.tiny import build_tokenizer
+
+# COCO's names as a detector's id2label spells them ("mouse", not GenEval's "computer mouse").
+COCO_LABELS = [
+    {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}.get(name, name)
+    for name in GENEVAL_OBJECTS
+]
+DOG = GENEVAL_OBJECTS.index("dog")
+
+
+def save_tiny_detector(path, labels=COCO_LABELS, seed=0):
+    """A random Mask2Former (tiny Swin backbone, 8 queries) whose queries all say "dog", and its processor."""
+    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(
+        backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
+        dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=8,
+        id2label=dict(enumerate(labels)),
+    )
+    torch.manual_seed(seed)
+    model = Mask2FormerForUniversalSegmentation(config)
+    with torch.no_grad():
+        model.class_predictor.weight.zero_()
+        model.class_predictor.bias.fill_(-10.0)
+        model.class_predictor.bias[DOG] = 10.0
+    model.save_pretrained(path)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_geneval_clip(path, seed=0):
+    """A random 1-layer CLIP (32x32 images) with a word-level tokenizer knowing the colour templates' words."""
+    from tpgrpo.tiny.components import build_tokenizer
+
+    words = sorted({w for name in GENEVAL_OBJECTS for w in color_prompts(name)[0].replace("-", " ").split()}
+                   | set(COLORS) | {"colored", "object"})
+    tokenizer = build_tokenizer(words, max_length=77)
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, **special),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """FLUX with 2 transformer blocks, CLIP and T5 of width 32, a 2x VAE (16x16 images, 8x8x4 latents)."""
+    tokenizer = build_tokenizer(max_length=8)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
+    )
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, **ids,
+    ))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0,
+    ))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16,
+        scaling_factor=0.5, shift_factor=0.1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
+        transformer=transformer,
+    )
