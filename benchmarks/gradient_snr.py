@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.rollout import machine  # noqa: E402
 from tpgrpo.cli import build_cli  # noqa: E402
-from tpgrpo.curves import mean_and_stderr  # noqa: E402  (pairs share batches: a guide to the error, a little low)
+from tpgrpo.evaluation import mean_and_stderr  # noqa: E402  (pairs share batches: a guide to the error, a little low)
 from tpgrpo.data import GroupBatches, PromptSet  # noqa: E402
 from tpgrpo.diagnostics import (  # noqa: E402
     cosines_by_part,

@@ -138,3 +138,4 @@ def test_gradient_snr_benchmark_measures_the_shipped_model(tmp_path):
     args.tag, args.prompts = "single_object", 3  # data/shapes/train.jsonl has 2 single-object prompts
     with pytest.raises(SystemExit, match="more than the 2 training prompts with tag 'single_object'"):
         measure(args, [])
+

@@ -1,24 +1,15 @@
 """Held-out reward during training: a callback that records it and a plot of it."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback
+
+from tpgrpo.evaluation import mean_and_stderr
 
 
 CREDIT_LABELS = {"tp": "TP-GRPO", "outcome": "Flow-GRPO"}
-
-
-def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean of a 1-D tensor, ignoring NaN (checks that do not apply)."""
-    values = values.double()
-    values = values[~values.isnan()]
-    if values.numel() < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
 class HeldOutCurve(Callback):

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from tpgrpo.cli import build_cli
-from tpgrpo.curves import CREDIT_LABELS, HeldOutCurve, mean_and_stderr, plot_curves
+from tpgrpo.curves import CREDIT_LABELS, HeldOutCurve, plot_curves
+from tpgrpo.evaluation import mean_and_stderr
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import image_grid, save_image
 

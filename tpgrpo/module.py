@@ -20,6 +20,7 @@ from torch import Tensor
 from tpgrpo import credit as credit_rules
 from tpgrpo.distributed import all_ranks_max, all_ranks_sum, gather_rows, is_sharded, shard_transformer, world_size
 from tpgrpo.errors import UserInputError
+from tpgrpo.evaluation import mean_and_stderr
 from tpgrpo.images import image_grid
 from tpgrpo.lora import add_lora, disabled_adapter, full_tensor, lora_parameters, trainable_parameters
 from tpgrpo.pipelines import FlowModel, PromptEmbeds, load_flow_model
@@ -507,8 +508,8 @@ class TPGRPOModule(LightningModule):
         rewards = rewards[~rewards.isnan()]
         if not rewards.numel():
             return
-        stderr = rewards.std() / rewards.numel() ** 0.5 if rewards.numel() > 1 else torch.zeros(())
-        self.log(f"{stage}/reward_stderr", stderr, sync_dist=False, rank_zero_only=True)
+        _, stderr = mean_and_stderr(rewards)
+        self.log(f"{stage}/reward_stderr", 0.0 if stderr != stderr else stderr, sync_dist=False, rank_zero_only=True)
         self._log_geneval_overall(stage)
         if self._eval_outputs:
             self.eval_summary = {

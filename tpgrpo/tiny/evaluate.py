@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from tpgrpo.evaluation import mean_and_stderr
 from PIL import Image
 from tqdm import tqdm
 
@@ -68,8 +70,8 @@ def summarize(scores: Mapping[str, torch.Tensor], tags: Sequence[str], n_seeds: 
         for key, values in per_prompt.items():
             v = values[mask][~np.isnan(values[mask])]
             if len(v):
-                se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
-                row[key] = {"mean": float(v.mean()), "se": se}
+                mean, se = mean_and_stderr(torch.from_numpy(v))
+                row[key] = {"mean": mean, "se": se}
         out[name] = row
     return out
 
