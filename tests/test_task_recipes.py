@@ -25,6 +25,7 @@ def stand_ins(tmp_path_factory, tiny_model_dir):
     tiny_flux_pipeline().save_pretrained(flux)
     (root / "geneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GENEVAL_RECORDS))
     (root / "prompts.txt").write_text("a photo of a dog\na red cat on a bench\n")
+    (root / "ocr.txt").write_text('A sign that says "OPEN"\nA mug printed with "TEA"\n')
     return {
         "sd3": (str(tiny_model_dir), ["--model.sampling.resolution=32"]),
         "flux": (str(flux), ["--model.sampling.resolution=16", "--model.max_sequence_length=6"]),
@@ -39,12 +40,25 @@ def task_overrides(task, stand_ins):
     if task == "geneval":
         reward = f'{{geneval: {{weight: 1.0, detector: "{stand_ins["detector"]}", clip: "{stand_ins["clip"]}"}}}}'
         return [f"--model.rewards={reward}", f"--data.train_prompts={root / 'geneval.jsonl'}"]
+    if task == "ocr":
+        return [f"--data.train_prompts={root / 'ocr.txt'}"]
     clip = stand_ins["clip"]
     reward = f'{{pickscore: {{weight: 1.0, model: "{clip}", processor: "{clip}"}}}}'
     return [f"--model.rewards={reward}", f"--data.train_prompts={root / 'prompts.txt'}"]
 
 
-@pytest.mark.parametrize("task", ["geneval", "pickscore"])
+def tesseract_missing() -> bool:
+    import shutil
+    from importlib.util import find_spec
+
+    return find_spec("pytesseract") is None or shutil.which("tesseract") is None
+
+
+@pytest.mark.parametrize(
+    "task",
+    ["geneval", "pickscore", pytest.param("ocr", marks=pytest.mark.skipif(
+        tesseract_missing(), reason="the ocr reward reads with Tesseract: make install-ocr"))],
+)
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_task_recipe_fits_two_steps(tmp_path, stand_ins, family, task):
     path, model_overrides = stand_ins[family]
