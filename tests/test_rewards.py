@@ -20,8 +20,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers import CLIPModel, CLIPProcessor
 
+from tests.helpers import tiny_models
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import to_uint8
 from tpgrpo.rewards import REWARDS, build_reward
@@ -36,7 +37,6 @@ from tpgrpo.rewards.ocr import OcrReward, levenshtein, quoted_text, text_similar
 from tpgrpo.rewards.pickscore import PickScore
 from tpgrpo.rewards.shapes import ShapesReward
 from tpgrpo.tiny import scenes
-from tpgrpo.tiny.components import build_tokenizer
 
 PROMPTS = ["a photo of a cat", "a red circle", "a sign that says hello", "two blue squares"]
 
@@ -57,23 +57,7 @@ def random_images(count=4, height=40, width=48, seed=0):
 # ------------------------------------------------------------------------------ tiny CLIP models
 def save_tiny_clip(path, projection_dim=768, seed=0):
     """A random 1-layer CLIP (32x32 images, word-level tokenizer) and its CLIPProcessor in ``path``."""
-    words = " ".join(PROMPTS).split() + ["dog", "says"]
-    tokenizer = build_tokenizer(words, max_length=77)
-    special = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, **special),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=projection_dim,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return str(path)
+    return tiny_models.save_tiny_clip(path, " ".join(PROMPTS).split() + ["dog", "says"], projection_dim, seed)
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,9 @@ def save_tiny_detector(path, labels=COCO_LABELS, seed=0):
     return str(path)
 
 
-def save_tiny_geneval_clip(path, seed=0):
-    """A random 1-layer CLIP (32x32 images) with a word-level tokenizer knowing the colour templates' words."""
-    from tpgrpo.tiny.components import build_tokenizer
-
-    words = sorted({w for name in GENEVAL_OBJECTS for w in color_prompts(name)[0].replace("-", " ").split()}
-                   | set(COLORS) | {"colored", "object"})
-    tokenizer = build_tokenizer(words, max_length=77)
+def save_tiny_clip(path, words, projection_dim=16, seed=0):
+    """A random 1-layer CLIP (32x32 images) with a word-level tokenizer of ``words``, and its CLIPProcessor."""
+    tokenizer = build_tokenizer(sorted(set(words)), max_length=77)
     special = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
@@ -62,13 +58,19 @@ def save_tiny_geneval_clip(path, seed=0):
                          num_attention_heads=2, max_position_embeddings=77, **special),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8),
-        projection_dim=16,
+        projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(path)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return str(path)
+
+
+def save_tiny_geneval_clip(path, seed=0):
+    """A tiny CLIP whose tokenizer knows the words of GenEval's colour templates."""
+    words = {w for name in GENEVAL_OBJECTS for w in color_prompts(name)[0].replace("-", " ").split()}
+    return save_tiny_clip(path, words | set(COLORS) | {"colored", "object"}, seed=seed)
 
 
 def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
