@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tpgrpo.rewards import build_reward
-from tpgrpo.rewards.shapes import ShapesReward
+from tpgrpo.rewards.geneval import judge, relations
+from tpgrpo.rewards.shapes import Detection, ShapesReward, box, check_record, detect, to_objects
 from tpgrpo.tiny import scenes
 
 
@@ -155,3 +156,98 @@ def test_registered_and_combined():
     images = to_images(scenes.render_batch([POSITION], np.random.default_rng(0)))
     out = reward(images, [POSITION["prompt"]], [POSITION])
     assert out["reward"].item() == 2.0 and math.isclose(out["shapes"].item(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# GenEval's rules (tpgrpo.rewards.geneval.judge) on the shapes world's detections
+
+
+def test_to_objects_orders_by_area_and_keeps_centres_and_sizes():
+    small = Detection("circle", "red", cy=5.0, cx=4.5, h=6.0, w=8.0, area=30)
+    big = Detection("circle", "blue", cy=20.0, cx=20.0, h=10.0, w=10.0, area=80)
+    tri = Detection("triangle", "green", cy=10.5, cx=25.0, h=9.0, w=9.0, area=40)
+    objects = to_objects([small, tri, big])
+    assert list(objects) == ["circle", "triangle"]
+    assert objects["circle"] == [
+        {"box": [15.0, 15.0, 25.0, 25.0], "color": "blue"},
+        {"box": [0.5, 2.0, 8.5, 8.0], "color": "red"},  # cx 4.5 +- 4, cy 5 +- 3
+    ]
+    assert objects["triangle"] == [{"box": [20.5, 6.0, 29.5, 15.0], "color": "green"}]
+    assert to_objects([]) == {}
+    # the shared relation rule on these boxes: small is left of and above big
+    assert relations(box(small), box(big)) == {"left of", "above"}
+
+
+def test_position_check_uses_the_shared_relation_rule():
+    # 10x10 objects 4.01 px apart on x (left of: shrink 2, (4.01 - 2) / 4.01 > 0.5) vs 3.99 px
+    record = variant(POSITION, ["include", 1, "color"], "blue")
+    target = Detection("triangle", "green", cy=16.0, cx=20.0, h=10.0, w=10.0, area=50)
+    for gap, expected in ((4.01, 1.0), (3.99, 0.0)):
+        square = Detection("square", "blue", cy=16.0, cx=20.0 - gap, h=10.0, w=10.0, area=100)
+        assert check_record([target, square], record)["position"] == [expected]
+        assert judge(record, to_objects([target, square])).strict == bool(expected)
+
+
+def draw(layouts):
+    return to_images(scenes.draw(layouts))
+
+
+TWO_RED = {"tag": "counting", "include": [{"class": "circle", "count": 2, "color": "red"}],
+           "exclude": [{"class": "circle", "count": 3, "color": "red"}], "prompt": "a photo of two red circles"}
+SAME_CLASS = {
+    "tag": "position",
+    "include": [{"class": "circle", "count": 1, "color": "red"},
+                {"class": "circle", "count": 1, "color": "blue", "position": ["left of", 0]}],
+    "prompt": "a photo of a blue circle to the left of a red circle",
+}
+
+
+@pytest.mark.parametrize(
+    "record, layout, correct, strict",
+    [
+        # two large red circles and a smaller blue one: GenEval takes the two largest (red) -> correct,
+        # but three circles are not exactly two
+        (TWO_RED, [("circle", "red", 8, 8, 10), ("circle", "red", 24, 8, 10), ("circle", "blue", 16, 24, 8)], 1, 0),
+        # the blue circle is the largest: it is among the two taken and is not red
+        (TWO_RED, [("circle", "red", 8, 8, 10), ("circle", "red", 24, 8, 8), ("circle", "blue", 16, 24, 11)], 0, 0),
+        (TWO_RED, [("circle", "red", 8, 8, 10), ("circle", "red", 24, 8, 10)], 1, 1),
+        # three red circles reach the exclude clause
+        (TWO_RED, [("circle", "red", 8, 8, 10), ("circle", "red", 24, 8, 10), ("circle", "red", 16, 24, 10)], 0, 0),
+        (POSITION, [("square", "blue", 7, 16, 9), ("triangle", "green", 25, 16, 9)], 1, 1),
+        (POSITION, [("square", "blue", 25, 16, 9), ("triangle", "green", 7, 16, 9)], 0, 0),
+        (POSITION, [("square", "blue", 7, 16, 9), ("triangle", "green", 25, 16, 9), ("circle", "red", 16, 4, 6)], 1, 1),
+        (POSITION, [], 0, 0),
+        # GenEval's clauses are by class: with two circles each count-1 circle clause sees both,
+        # so a same-class record never passes GenEval's rules, though the scene is right
+        (SAME_CLASS, [("circle", "blue", 7, 16, 10), ("circle", "red", 25, 16, 11)], 0, 0),
+    ],
+)
+def test_geneval_entries_follow_judge(record, layout, correct, strict):
+    images = draw([layout])
+    found = detect(images)[0]
+    assert sorted((d.shape, d.color) for d in found) == sorted(obj[:2] for obj in layout)  # detected as drawn
+    out = score([record], images)
+    assert out["shapes/geneval_correct"].tolist() == [float(correct)]
+    assert out["shapes/geneval_strict"].tolist() == [float(strict)]
+    verdict = judge(record, to_objects(detect(images)[0]))
+    assert (verdict.correct, verdict.strict) == (bool(correct), bool(strict))
+
+
+def test_geneval_entries_next_to_the_shapes_checks():
+    layouts = [
+        [("circle", "blue", 7, 16, 10), ("circle", "red", 25, 16, 11)],  # SAME_CLASS, right scene
+        [("circle", "red", 8, 8, 10), ("circle", "red", 24, 8, 10), ("circle", "blue", 16, 24, 8)],  # TWO_RED + 1
+    ]
+    out = score([SAME_CLASS, TWO_RED], draw(layouts))
+    assert out["shapes/strict"].tolist() == [1.0, 0.0]  # the extra blue circle fails "extra"
+    assert out["shapes/geneval_correct"].tolist() == [0.0, 1.0]
+    assert out["shapes/geneval_strict"].tolist() == [0.0, 0.0]
+
+
+def test_geneval_entries_on_matching_scenes(random_records):
+    out = score(random_records)
+    different = torch.tensor([len({e["class"] for e in r["include"]}) == len(r["include"]) for r in random_records])
+    # matching scenes pass GenEval's rules unless two clauses share a class (see above)
+    assert out["shapes/geneval_strict"][different].mean() >= 0.98
+    assert (out["shapes/geneval_correct"] >= out["shapes/geneval_strict"]).all()
+    assert (out["shapes/geneval_correct"][~different] == 0).all()

@@ -15,7 +15,9 @@ Record (GenEval's ``evaluation_metadata.jsonl``)::
      "prompt": "a photo of a red cat left of a dog"}
 
 ``"position": [relation, j]`` on ``include[i]`` means "include[i] is <relation> include[j]", with
-``j < i``. The tag (GenEval's: single_object, two_object, counting, colors, position, color_attr)
+``j < i``. Clauses are by class, as in GenEval: each clause sees all detections of its class,
+so two include clauses of one class (which GenEval's records never have) see each other's
+objects: "a blue circle left of a red circle" can then never hold. The tag (GenEval's: single_object, two_object, counting, colors, position, color_attr)
 does not enter the rules, so any tag is accepted. An exclude clause may name a ``color`` (the
 shapes world's counting records do: "two red circles" excludes a third *red* circle); only
 detections of that colour count towards it then. GenEval's own records never do, so this does
@@ -154,7 +156,8 @@ def _clause_reasons(
     if color:
         wrong = [det.get("color") for det in taken if det.get("color") != color]
         if wrong:
-            reasons.append(f"{what}: {len(wrong)} of the {len(taken)} {name} taken are not {color} ({', '.join(map(str, wrong))})")
+            listed = ", ".join(map(str, wrong))
+            reasons.append(f"{what}: {len(wrong)} of the {len(taken)} {name} taken are not {color} ({listed})")
     if clause.get("position") is not None:
         relation, j = clause["position"]
         theirs = targets[j]
@@ -163,7 +166,8 @@ def _clause_reasons(
         else:
             misses = sum(relation not in relations(a["box"], t["box"], threshold) for a in taken for t in theirs)
             if misses:
-                reasons.append(f"{what}: {misses} of {len(taken) * len(theirs)} ({name}, include[{j}]) pairs are not '{relation}'")
+                pairs = f"{misses} of {len(taken) * len(theirs)} ({name}, include[{j}]) pairs"
+                reasons.append(f"{what}: {pairs} are not '{relation}'")
     return reasons
 
 

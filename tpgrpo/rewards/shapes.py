@@ -12,15 +12,24 @@ Detection (vectorised over the batch except for the connected-component pass):
    how far the mass sits below the box centre (a triangle's centroid is low) and how much of the
    box's corners is filled (square ~1, triangle ~1/2, circle ~0).
 
-Checks of a GenEval record (`tpgrpo.tiny.scenes`), each in [0, 1], for include entry i
-(class c, count n, optional colour k, optional position) and each exclude entry:
+The detections become GenEval's ``objects`` mapping (`to_objects`: boxes x0, y0, x1, y1 in
+pixels, colour names, largest area first as the stand-in for a detector's confidence), and
+GenEval's own rules (`tpgrpo.rewards.geneval.judge`, the same code a detector-based GenEval
+reward uses) give ``"shapes/geneval_correct"`` (GenEval's correctness) and
+``"shapes/geneval_strict"`` (exact counts) for each image. GenEval's clauses are by class, so
+the shapes world's position records of two objects of one shape (e.g. "a blue circle to the
+left of a red circle") never pass them: each count-1 circle clause finds two circles.
+
+On top of them, checks of a GenEval record (`tpgrpo.tiny.scenes`), each in [0, 1], for include
+entry i (class c, count n, optional colour k, optional position) and each exclude entry:
 
 - count: min(#c, n) / n; for an exclude entry (class, count m, optional colour), 1 when fewer
   than m such objects are found, else (m - 1) / found.
 - color (entries with a colour): min(#k, n) / n, objects of colour k whatever their shape.
 - binding (entries with a colour): min(#(c and k), n) / n.
-- position: the fraction of (object, target object) pairs in the relation, GenEval's rule on
-  bounding-box centres (offset beyond 0.1 of the summed sizes, within 60 degrees of the axis).
+- position: the fraction of (object, target object) pairs in the relation, by GenEval's
+  relation rule (`tpgrpo.rewards.geneval.relations` on the detections' boxes), taking the n
+  largest objects of class c *and* colour k and the target entry's likewise.
 - extra (every record): min(1, objects asked for / objects found). GenEval tolerates extra
   objects; here it would let clutter (e.g. a random model's colour noise) pass any prompt.
 
@@ -28,8 +37,19 @@ Checks of a GenEval record (`tpgrpo.tiny.scenes`), each in [0, 1], for include e
 mean of the other checks times the extra check: clutter then costs in proportion to the share of
 objects that were not asked for, instead of being outweighed by the checks it helps pass (a policy
 trained on the plain mean learns to draw more objects). ``"shapes/strict"`` is 1 when all
-of them pass (GenEval's correctness). ``"shapes/<check>"`` is the mean of that kind of check,
-NaN for records without one (use nanmean to aggregate).
+of them pass; unlike ``"shapes/geneval_correct"``, nothing extra may be drawn and entries
+match objects by class and colour together.
+``"shapes/<check>"`` is the mean of that kind of check, NaN for records without one (use nanmean
+to aggregate).
+
+Where ``"shapes"`` differs from judge's dense ``score`` (kept as it is: trained rewards and
+measured results depend on it): it adds a colour check that ignores shape and a binding check
+that counts the objects of the right class *and* colour (judge's colour term counts the colour
+among all objects of the class, and only when their count is exact); its count check gives full
+credit for too many objects (judge: 1 - |n - found| / n) and leaves surplus to the extra
+check (or factor), which judge lacks; its position check is the fraction of pairs in the
+relation among the objects of the right colour, where judge scores 1 only when the clause holds
+strictly; and exclude entries get partial credit in it, where judge's score leaves them out.
 """
 from __future__ import annotations
 
@@ -42,10 +62,11 @@ import torch
 from scipy import ndimage
 
 from tpgrpo.rewards.base import Reward, register_reward
+from tpgrpo.rewards.geneval import POSITION_THRESHOLD, judge, relations
 from tpgrpo.tiny.scenes import COLORS, SHAPES, validate_record
 
 CHECKS: tuple[str, ...] = ("count", "color", "binding", "position", "extra")
-RELATION_THRESHOLD = 0.1  # GenEval's POSITION_THRESHOLD
+RELATION_THRESHOLD = POSITION_THRESHOLD  # GenEval's
 
 
 @dataclass(frozen=True)
@@ -167,15 +188,19 @@ def detect(
     return out
 
 
-def relation_holds(relation: str, obj: Detection, target: Detection) -> bool:
-    """GenEval's relative position: is ``obj`` ``relation`` ``target``?"""
-    offset = np.array([obj.cx - target.cx, obj.cy - target.cy])
-    size = np.array([obj.w + target.w, obj.h + target.h])
-    revised = np.maximum(np.abs(offset) - RELATION_THRESHOLD * size, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return False
-    dx, dy = revised / np.linalg.norm(offset)
-    return {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}[relation]
+def box(obj: Detection) -> list[float]:
+    """A detection's bounding box [x0, y0, x1, y1] in pixels, pixel i covering [i - 0.5, i + 0.5):
+    its centre and size are exactly the detection's (cx, cy) and (w, h)."""
+    return [obj.cx - obj.w / 2, obj.cy - obj.h / 2, obj.cx + obj.w / 2, obj.cy + obj.h / 2]
+
+
+def to_objects(detections: Sequence[Detection]) -> dict[str, list[dict]]:
+    """One image's detections as GenEval's ``objects``: {shape: [{"box", "color"}, ...]}, each
+    class's largest first (ties in detection order), classes without detections absent."""
+    out: dict[str, list[dict]] = {}
+    for obj in sorted(detections, key=lambda o: -o.area):
+        out.setdefault(obj.shape, []).append({"box": box(obj), "color": obj.color})
+    return out
 
 
 def _matches(objects: Sequence[Detection], entry: Mapping, color: bool = True) -> list[Detection]:
@@ -198,7 +223,7 @@ def check_record(objects: Sequence[Detection], record: Mapping) -> dict[str, lis
             relation, target = entry["position"]
             mine = _matches(objects, entry)[:n]
             theirs = _matches(objects, include[target])[: include[target]["count"]]
-            pairs = [relation_holds(relation, a, t) for a in mine for t in theirs]
+            pairs = [relation in relations(box(a), box(t), RELATION_THRESHOLD) for a in mine for t in theirs]
             checks["position"].append(float(np.mean(pairs)) if pairs else 0.0)
     for entry in record.get("exclude", []):
         found = len(_matches(objects, entry))
@@ -241,13 +266,17 @@ class ShapesReward(Reward):
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]
     ) -> dict[str, torch.Tensor]:
-        """{"shapes": dense (B,), "shapes/strict": (B,), "shapes/<check>": (B,)} for images (B, 3, H, W)."""
+        """{"shapes": dense (B,), "shapes/strict": (B,), "shapes/<check>": (B,),
+        "shapes/geneval_correct": (B,), "shapes/geneval_strict": (B,)} for images (B, 3, H, W)."""
         detections = detect(images.detach(), **self.options)
         rows = [check_record(objects, record) for objects, record in zip(detections, metadata)]
         values = [[v for vs in row.values() for v in vs] for row in rows]
+        verdicts = [judge(record, to_objects(objects)) for objects, record in zip(detections, metadata)]
         out = {
             "shapes": [self.dense(row) for row in rows],
             "shapes/strict": [float(all(x == 1.0 for x in v)) for v in values],
             **{f"shapes/{c}": [float(np.mean(row[c])) if row[c] else math.nan for row in rows] for c in CHECKS},
+            "shapes/geneval_correct": [float(v.correct) for v in verdicts],
+            "shapes/geneval_strict": [float(v.strict) for v in verdicts],
         }
         return {key: torch.tensor(v, dtype=torch.float32, device=images.device) for key, v in out.items()}
