@@ -1,5 +1,9 @@
 """Command-line entry point: ``python train.py fit|validate|test|predict --config configs/<name>.yaml``.
 
+``pip install`` also gives it as the ``tpgrpo`` command (``tpgrpo fit --config configs/tiny.yaml``);
+a config file, or a path in one, not found from the working directory is looked up in the package
+(`tpgrpo.cli.resolve_path`).
+
 Every setting of the model (`tpgrpo.module.TPGRPOModule`), the data
 (`tpgrpo.data.PromptDataModule`) and the Lightning Trainer is a config value; ``--print_config``
 shows them all and any can be overridden on the command line (``--model.credit.method outcome``).

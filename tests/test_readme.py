@@ -1,4 +1,4 @@
-"""Every command in the README (and the model card) is checked here.
+"""Every command in the README (and the model card and the pages under docs/) is checked here.
 
 Commands that run offline are run, shortened with overrides (fewer steps, tiny batches, output
 under a temporary folder); commands that need real weights or a cluster are checked with
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "tpgrpo" / "tiny" / "MODEL_CARD.md"]
+DOCS = [ROOT / "README.md", ROOT / "tpgrpo" / "tiny" / "MODEL_CARD.md",
+        *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md"))]
 COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
 
 # Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.
@@ -174,6 +175,17 @@ def check_evaluate(command: str, work: Path) -> None:
     assert (work / "eval.json").is_file()
 
 
+def check_prompts(command: str, work: Path) -> None:
+    """The prompt generators write their two files, here small and into a temporary folder."""
+    task = shlex.split(command)[3]
+    out = work / task
+    sizes = {"geneval": ["--train-per-tag=2", "--test-per-tag=1"], "ocr": ["--train=4", "--test=2"]}[task]
+    run(python_argv(command, {f"data/{task}": str(out)}) + sizes)
+    names = {"geneval": ("train.jsonl", "test.jsonl"), "ocr": ("train.txt", "test.txt")}[task]
+    for name in names:
+        assert (out / name).read_text().strip(), name
+
+
 def check_benchmark(command: str, work: Path) -> None:
     argv = python_argv(command, {})
     script, cli = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
@@ -205,6 +217,7 @@ def check_for(command: str):
         "python -m tpgrpo.export ": check_export,
         "python -m tpgrpo.tiny.pretrain": check_pretrain,
         "python -m tpgrpo.tiny.evaluate": check_evaluate,
+        "python -m tpgrpo.prompts ": check_prompts,
         "python benchmarks/": check_benchmark,
     }
     return next((check for prefix, check in by_prefix.items() if command.startswith(prefix)), None)

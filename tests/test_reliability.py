@@ -37,21 +37,14 @@ RECORDS = [
 ]
 
 
-def callbacks_arg(every: int = 1, export: bool = True) -> str:
-    """``--trainer.callbacks``: EMA (every 2 optimizer steps), atomic checkpoints every ``every`` steps, LoRA export."""
-    items = [
-        "{class_path: tpgrpo.ema.LoRAEMA, init_args: {decay: 0.5, every: 2}}",
-        "{class_path: tpgrpo.callbacks.AtomicCheckpoint, init_args: "
-        f"{{save_last: true, every_n_train_steps: {every}, save_top_k: 0}}}}",
-    ]
-    if export:
-        items.append("{class_path: tpgrpo.callbacks.LoRAExport}")
-    return "--trainer.callbacks=[" + ", ".join(items) + "]"
+def callbacks_args(every: int = 1) -> tuple[str, ...]:
+    """The base callbacks tuned: EMA every 2 optimizer steps, atomic checkpoints every ``every`` steps (LoRA export as is)."""
+    return ("--ema.decay=0.5", "--ema.every=2", f"--checkpoint.every_n_train_steps={every}")
 
 
 SMALL = (
     "--data.prompts_per_step=1", "--data.group_size=3", "--model.update.optimizer_steps_per_batch=2",
-    "--model.optimizer.learning_rate=1e-3", "--model.evaluation.log_images_every_n_steps=0", callbacks_arg(),
+    "--model.optimizer.learning_rate=1e-3", "--model.evaluation.log_images_every_n_steps=0", *callbacks_args(),
 )
 
 
@@ -189,6 +182,7 @@ def test_ckpt_path_last_searches_every_logger_version(tmp_path, tiny_model_dir, 
     with pytest.warns(UserWarning, match="no last checkpoint of this run was found; training starts from scratch"):
         first = build_cli(fit_args(tmp_path, tiny_model_dir, prompts2, stock, "--trainer.max_steps=2", "--ckpt_path=last"))
     assert first.trainer.ckpt_path is None and first.trainer.global_step == 2
+    assert [type(c) for c in first.trainer.checkpoint_callbacks] == [ModelCheckpoint]  # it replaced the base one
     again = build_cli(fit_args(tmp_path, tiny_model_dir, prompts2, stock, "--trainer.max_steps=4", "--ckpt_path=last"))
     assert again.trainer.ckpt_path == first.trainer.checkpoint_callback.last_model_path
     assert Path(again.trainer.log_dir).name == "version_1" and again.trainer.global_step == 4
@@ -433,6 +427,39 @@ def test_config_file_errors(tmp_path, capsys, config, message):
     path = tmp_path / "bad.yaml"
     path.write_text(config)
     assert message in one_line_error(capsys, ["fit", "--config", "configs/tiny.yaml", "--config", str(path)])
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling calls ``open(marker, "w")``: a stand-in for any code a pickle can run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_ckpt_path_that_is_no_checkpoint_is_one_line_and_never_unpickled(tmp_path, tiny_model_dir, prompt_file, capsys):
+    import pickle
+
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    marker = tmp_path / "code_ran"
+    plain_pickle = tmp_path / "plain.ckpt"
+    plain_pickle.write_bytes(pickle.dumps({"state_dict": {}, "payload": RunsCodeWhenUnpickled(marker)}))
+    torch_pickle = tmp_path / "object.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCodeWhenUnpickled(marker)}, torch_pickle)
+    args = ["fit", *cli_args(tmp_path, tiny_model_dir, prompt_file)]
+    for path, message in [
+        (garbage, "not a checkpoint (not a file written by torch.save)"),
+        (plain_pickle, "not a checkpoint (not a file written by torch.save)"),
+        (torch_pickle, "refusing to unpickle it (it holds io.open)"),
+        (tmp_path / "missing.ckpt", "checkpoint not found"),
+    ]:
+        line = one_line_error(capsys, [*args, f"--ckpt_path={path}"])
+        assert line.startswith(f"error: --ckpt_path {path}: {message}"), line
+        assert "weights_only" not in line
+    assert not marker.exists()  # nothing was unpickled
 
 
 def test_missing_config_file(tmp_path, capsys):

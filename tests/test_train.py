@@ -1,13 +1,16 @@
 """The training system end to end on a tiny random SD3 pipeline, through the real CLI."""
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from tpgrpo import credit
-from tpgrpo.cli import build_cli, main
+from tpgrpo.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, epoch_description
+from tpgrpo.cli import QUIET_WARNINGS, build_cli, main
+from tpgrpo.ema import LoRAEMA
 from tpgrpo.lora import disabled_adapter
 from tpgrpo.pipelines import FlowModel
 from tpgrpo.tiny.components import load_pipeline
@@ -51,7 +54,12 @@ def scalar_tags(log_dir: Path) -> set[str]:
 
 
 def test_fit_runs_end_to_end_and_logs(tmp_path, tiny_model_dir, prompt_file):
-    cli = build_cli(["fit", *cli_args(tmp_path, tiny_model_dir, prompt_file)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = build_cli(["fit", *cli_args(tmp_path, tiny_model_dir, prompt_file)])
+    messages = [str(w.message) for w in caught]
+    # the frozen parts (and the transformer under manual optimisation) are in eval mode on purpose
+    assert not [m for m in messages if "in eval mode at the start of training" in m or "LeafSpec" in m], messages
     assert cli.trainer.global_step == 2  # max_steps counts optimizer steps: one batch × 2 optimizer steps
     tags = scalar_tags(Path(cli.trainer.log_dir))
     for tag in [
@@ -199,3 +207,79 @@ def test_test_and_predict_subcommands(tmp_path, tiny_model_dir, prompt_file):
     build_cli(["predict", *args, f"--data.predict_prompts={prompt_file}", f"--model.evaluation.predict_dir={out}"])
     written = sorted(p.name for p in out.glob("*.png"))
     assert len(written) == 4 and written[0].endswith("_seed0.png")
+
+
+# ------------------------------------------------------------------------------- base callbacks
+def demo_trainer(tmp_path, model_dir, *extra):
+    """The trainer of `make demo`'s config (configs/tiny.yaml) on the small random model."""
+    args = ["--config", "configs/tiny.yaml", f"--model.pretrained_path={model_dir}", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", *extra]
+    return build_cli(args, run=False).trainer
+
+
+def of_type(trainer, cls):
+    found = [c for c in trainer.callbacks if type(c) is cls]
+    assert len(found) == 1, [type(c).__name__ for c in trainer.callbacks]
+    return found[0]
+
+
+def test_the_demo_config_has_every_base_callback_with_its_tuning(tmp_path, tiny_model_dir):
+    from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
+
+    trainer = demo_trainer(tmp_path, tiny_model_dir, "--trainer.callbacks+={class_path: lightning.pytorch.callbacks.DeviceStatsMonitor}")
+    ema = of_type(trainer, LoRAEMA)
+    assert (ema.decay, ema.every) == (0.9, 8)  # base.yaml
+    checkpoint = of_type(trainer, AtomicCheckpoint)
+    assert trainer.checkpoint_callbacks == [checkpoint]
+    assert (checkpoint._every_n_train_steps, checkpoint.save_last, checkpoint.save_top_k) == (40, True, 0)  # tiny.yaml: 40
+    assert of_type(trainer, LoRAExport).every_n_train_steps == 0
+    assert of_type(trainer, LearningRateMonitor).logging_interval == "step"
+    assert trainer.progress_bar_callback is of_type(trainer, ProgressBar)
+    of_type(trainer, DeviceStatsMonitor)  # trainer.callbacks adds to the base callbacks
+
+
+def test_base_callbacks_are_tuned_by_key_and_removed_by_null_or_the_trainer_flags(tmp_path, tiny_model_dir):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    trainer = demo_trainer(tmp_path, tiny_model_dir, "--ema.decay=0.5", "--checkpoint.every_n_train_steps=3",
+                           "--export.every_n_train_steps=7")
+    assert of_type(trainer, LoRAEMA).decay == 0.5 and trainer.checkpoint_callback._every_n_train_steps == 3
+    assert of_type(trainer, LoRAExport).every_n_train_steps == 7
+    trainer = demo_trainer(tmp_path, tiny_model_dir, "--trainer.enable_checkpointing=false", "--trainer.logger=false",
+                           "--trainer.enable_progress_bar=false")
+    kinds = {type(c) for c in trainer.callbacks}
+    assert {LoRAEMA, LoRAExport} <= kinds and not kinds & {AtomicCheckpoint, LearningRateMonitor, ProgressBar}
+    assert trainer.checkpoint_callback is None and trainer.progress_bar_callback is None
+    trainer = demo_trainer(tmp_path, tiny_model_dir, "--ema=null", "--export=null")
+    kinds = {type(c) for c in trainer.callbacks}
+    assert not kinds & {LoRAEMA, LoRAExport} and {AtomicCheckpoint, LearningRateMonitor, ProgressBar} <= kinds
+    # one of the same kind in trainer.callbacks replaces the base one
+    trainer = demo_trainer(tmp_path, tiny_model_dir, "--trainer.callbacks+={class_path: tpgrpo.ema.LoRAEMA, init_args: {decay: 0.25}}")
+    assert of_type(trainer, LoRAEMA).decay == 0.25
+
+
+@pytest.mark.parametrize("epoch, max_epochs, expected", [(1, -1, "Epoch 1"), (0, None, "Epoch 0"), (2, 10, "Epoch 2/9"), (0, 1, "Epoch 0/0")])
+def test_epoch_description(epoch, max_epochs, expected):
+    assert epoch_description(epoch, max_epochs) == expected
+
+
+def test_the_progress_bar_of_a_step_bounded_run_shows_no_epoch_total(tmp_path, tiny_model_dir):
+    trainer = demo_trainer(tmp_path, tiny_model_dir)
+    assert trainer.max_steps == 100
+    trainer.fit_loop.max_epochs = -1  # what `fit` sets when max_steps bounds the run
+    bar = trainer.progress_bar_callback
+    bar._trainer = trainer  # as `setup` attaches it
+    if hasattr(bar, "_get_train_description"):  # the rich bar (Lightning's: "Epoch 1/-2")
+        assert bar._get_train_description(1).strip() == "Epoch 1"
+        trainer.fit_loop.max_epochs = 10
+        assert bar._get_train_description(1).strip() == "Epoch 1/9"
+
+
+def test_the_quieted_warnings_are_exactly_the_known_ones():
+    import re
+
+    eval_mode, pytree = QUIET_WARNINGS
+    assert re.match(eval_mode, "Found 460 module(s) in eval mode at the start of training. This may lead to ...")
+    assert re.match(pytree, "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`")
+    for other in ("Found 3 module(s) in train mode", "The dataloader does not have many workers", "eval mode"):
+        assert not any(re.match(pattern, other) for pattern in QUIET_WARNINGS), other

@@ -15,6 +15,9 @@ project (manual optimisation, several optimizer steps per training batch):
 
 `LoRAExport`: writes the LoRA (EMA weights when the `tpgrpo.ema.LoRAEMA` callback is present) in
 the diffusers format to ``<log_dir>/lora`` at the end of `fit` and, optionally, every N steps.
+
+`ProgressBar`: Lightning's progress bar without the epoch total a run bounded by ``max_steps``
+does not have (Lightning's rich bar shows "Epoch 1/-2" for ``max_epochs: -1``).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from weakref import proxy
 
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.utilities import rank_zero_info
 
 from tpgrpo.ema import LoRAEMA
@@ -250,3 +254,27 @@ class LoRAExport(Callback):
         trainer.strategy.barrier("LoRAExport.export")
         self.last_export = target
         return target
+
+
+def epoch_description(epoch: int, max_epochs: int | None) -> str:
+    """``"Epoch 3/9"`` for a run of 10 epochs; ``"Epoch 3"`` when the epochs are unbounded
+    (``max_epochs`` None or -1: training ends at ``max_steps``)."""
+    if max_epochs is None or max_epochs < 1:
+        return f"Epoch {epoch}"
+    return f"Epoch {epoch}/{max_epochs - 1}"
+
+
+if _RICH_AVAILABLE:
+
+    class ProgressBar(RichProgressBar):
+        """`RichProgressBar` whose training description is `epoch_description`. Takes its arguments."""
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            description = epoch_description(current_epoch, self.trainer.max_epochs)
+            width = len(self.validation_description)  # as Lightning: no flicker between the two bars
+            return f"{description:{width}}" if width > len(description) else description
+
+else:  # without rich, Lightning's default bar (its description has no epoch total)
+
+    class ProgressBar(TQDMProgressBar):  # type: ignore[no-redef]
+        """`TQDMProgressBar` (its training description is ``"Epoch N"``). Takes its arguments."""

@@ -3,26 +3,91 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import re
 import sys
+import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from tpgrpo.callbacks import find_last_checkpoint
-from tpgrpo.data import PromptDataModule
-from tpgrpo.errors import UserInputError
-from tpgrpo.module import TPGRPOModule
-from tpgrpo.settings import check_model_settings
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# ------------------------------------------------------------------------------- known noise
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers' note that an image processor falls back to its PIL version without torchvision.
+
+    The PIL versions serve this project; the note is logged when diffusers' pipelines are imported,
+    i.e. at every start. Other records of that logger pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+TORCHVISION_FILTER = _DropTorchvisionFallback()
+# Installed before the imports below load diffusers (transformers logs the note once, at that import).
+logging.getLogger("transformers.utils.import_utils").addFilter(TORCHVISION_FILTER)
+
+# Warnings that are expected and say nothing about a run:
+# - modules in eval mode when training starts: the frozen text encoders and VAE stay in it and
+#   `TPGRPOModule` switches its transformer itself; Lightning warns of them at every `fit`;
+# - Lightning's own use of a `torch.utils._pytree` name that newer torch deprecates.
+QUIET_WARNINGS: tuple[str, ...] = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Ignore the warnings of `QUIET_WARNINGS` (by their exact message)."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+from tpgrpo.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, find_last_checkpoint  # noqa: E402
+from tpgrpo.data import PromptDataModule  # noqa: E402
+from tpgrpo.ema import LoRAEMA  # noqa: E402
+from tpgrpo.errors import UserInputError  # noqa: E402
+from tpgrpo.module import TPGRPOModule  # noqa: E402
+from tpgrpo.settings import check_model_settings  # noqa: E402
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent  # the repository in a checkout; site-packages once installed
+CONFIG_DIR = PACKAGE_DIR / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# The callbacks every run has (set in base.yaml), each under its own key: tuned with
+# ``--ema.decay 0.5`` or ``checkpoint: {every_n_train_steps: 40}``, removed with ``--ema null``;
+# `trainer.callbacks` adds others. A callback of the same kind in `trainer.callbacks` replaces the
+# base one (``kind``: the class it is checked against).
+BASE_CALLBACKS: dict[str, tuple[type[Callback], type[Callback]]] = {
+    "ema": (LoRAEMA, LoRAEMA),
+    "checkpoint": (AtomicCheckpoint, ModelCheckpoint),
+    "export": (LoRAExport, LoRAExport),
+    "lr_monitor": (LearningRateMonitor, LearningRateMonitor),
+    "progress_bar": (ProgressBar, LightningProgressBar),
+}
+# Paths inside configs that `resolve_config_paths` looks up outside the working directory.
+PATH_KEYS: tuple[str, ...] = (
+    "model.pretrained_path",
+    "data.train_prompts",
+    "data.val_prompts",
+    "data.test_prompts",
+    "data.predict_prompts",
+)
+# ``--ckpt_path`` values that name no file (Lightning's, and ours: ``last`` of any version).
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 def _parser_kwargs(run: bool, exit_on_error: bool = True) -> dict:
@@ -38,7 +103,14 @@ def _parser_kwargs(run: bool, exit_on_error: bool = True) -> dict:
 
 
 class TPGRPOCLI(LightningCLI):
-    """LightningCLI with the checks that need both the model's and the data's settings."""
+    """LightningCLI with the base callbacks, the checks that need both the model's and the data's
+    settings, config paths found outside the repository and one-line errors for bad checkpoints."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The base callbacks (`BASE_CALLBACKS`), each under its own key, set in ``base.yaml``;
+        ``--ema.decay 0.5`` tunes one, ``--ema null`` removes it."""
+        for key, (cls, _) in BASE_CALLBACKS.items():
+            parser.add_lightning_class_args(cls, key, subclass_mode=True, required=False)
 
     def _parse_ckpt_path(self) -> None:
         """Keep the settings of the config and command line when ``--ckpt_path`` is given.
@@ -59,6 +131,18 @@ class TPGRPOCLI(LightningCLI):
             check_model_settings((config[subcommand] if subcommand else config).model)
         super().parse_arguments(parser, args)
 
+    def before_instantiate_classes(self) -> None:
+        """Resolve the config's paths (`resolve_config_paths`) and check ``--ckpt_path`` before any weights load."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        resolve_config_paths(config)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is not None:
+            check_checkpoint_file(ckpt_path)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """The trainer with the base callbacks that `base_callbacks_to_keep` keeps."""
+        return super()._instantiate_trainer(config, base_callbacks_to_keep(config, callbacks))
+
     def before_fit(self) -> None:
         check_model_and_data(self.model, self.datamodule)
 
@@ -70,8 +154,107 @@ class TPGRPOCLI(LightningCLI):
             if ckpt_path is None:
                 rank_zero_warn("--ckpt_path last: no last checkpoint of this run was found; training starts from scratch")
             else:
+                check_checkpoint_file(ckpt_path)
                 rank_zero_info(f"--ckpt_path last: resuming from {ckpt_path}")
         self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
+
+
+def base_callbacks_to_keep(trainer_config: dict[str, Any], base: list[Callback]) -> list[Callback]:
+    """The base callbacks a trainer gets, given its settings (``trainer_config``, callbacks instantiated).
+
+    One is left out when its key is null (``--ema null``), when ``trainer.callbacks`` holds a
+    callback of its kind (that one replaces it), and when the trainer turns its kind off:
+    ``enable_checkpointing: false`` (checkpoint), ``enable_progress_bar: false`` (progress bar),
+    ``logger: false`` (learning-rate monitor).
+    """
+    given = trainer_config.get("callbacks") or []
+    given = given if isinstance(given, list) else [given]
+    off: list[type[Callback]] = []
+    if trainer_config.get("enable_checkpointing") is False:
+        off.append(ModelCheckpoint)
+    if trainer_config.get("enable_progress_bar") is False:
+        off.append(LightningProgressBar)
+    if trainer_config.get("logger") in (False, []):
+        off.append(LearningRateMonitor)
+    keep = []
+    for callback in base:
+        if callback is None:
+            continue
+        kind = next((k for cls, k in BASE_CALLBACKS.values() if isinstance(callback, cls)), None)
+        if kind is not None and (issubclass(kind, tuple(off)) or any(isinstance(c, kind) for c in given)):
+            continue
+        keep.append(callback)
+    return keep
+
+
+def resolve_path(value: str, roots: Sequence[Path] = (REPO_DIR, PACKAGE_DIR)) -> str:
+    """A relative path that does not exist from the working directory, found under ``roots``
+    (by default the folder holding the ``tpgrpo`` package, then the package itself); else unchanged.
+
+    So the shipped configs work from any directory, also from an installed copy:
+    ``tpgrpo/tiny/model`` is the package's tiny model and ``configs/tiny.yaml`` its config. Absolute
+    paths and URLs are left as they are, and so are hub ids (``org/name``) unless a folder of that
+    name exists under a root.
+    """
+    path = Path(value)
+    if not value or "://" in value or path.is_absolute() or path.exists():
+        return value
+    for root in roots:
+        candidate = root / path
+        if candidate.exists():
+            return str(candidate)
+    return value
+
+
+def resolve_config_paths(config: Any) -> None:
+    """Apply `resolve_path` in place to the settings of `PATH_KEYS` of a parsed config."""
+    for key in PATH_KEYS:
+        group, name = key.split(".")
+        section = config.get(group)
+        value = section.get(name) if section is not None else None
+        if isinstance(value, (str, Path)):
+            section[name] = resolve_path(str(value))
+
+
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """``args`` with each ``--config`` file resolved by `resolve_path` (``configs/tiny.yaml`` from anywhere)."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = resolve_path(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_path(arg.split("=", 1)[1])
+    return out
+
+
+def check_checkpoint_file(ckpt_path: str | Path) -> None:
+    """``--ckpt_path`` names a checkpoint file that loads with tensors and plain values only.
+
+    A missing file, a file that is not a PyTorch checkpoint (garbage, a plain pickle) or one whose
+    pickle needs anything else (an arbitrary object: loading it would run code) is a one-line
+    `UserInputError` naming the file; nothing is unpickled beyond what ``weights_only`` allows.
+    """
+    value = str(ckpt_path)
+    if value in SPECIAL_CKPT_PATHS or "://" in value or value.startswith("registry:"):
+        return
+    path = Path(value)
+    if not path.is_file():
+        raise UserInputError(f"--ckpt_path {path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):
+        raise UserInputError(f"--ckpt_path {path}: not a checkpoint (not a file written by torch.save); nothing was loaded")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a weights-only unpickling error, or a damaged archive
+        text = str(error)
+        if "Weights only load failed" in text:
+            held = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" (it holds {held.group(1)})" if held else ""
+            raise UserInputError(
+                f"--ckpt_path {path}: refusing to unpickle it{what}: a checkpoint holds only tensors and plain "
+                "values; give a checkpoint written by training"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        raise UserInputError(f"--ckpt_path {path}: not a readable checkpoint ({first})") from None
 
 
 def check_model_and_data(model: TPGRPOModule, datamodule: PromptDataModule) -> None:
@@ -88,14 +271,24 @@ def check_model_and_data(model: TPGRPOModule, datamodule: PromptDataModule) -> N
 
 def build_cli(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> LightningCLI:
     """Parse ``args`` (default: ``sys.argv``); with ``run`` execute the subcommand."""
+    quiet_known_warnings()
     return TPGRPOCLI(
         TPGRPOModule,
         PromptDataModule,
         parser_kwargs=_parser_kwargs(run, exit_on_error),
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=_with_config_paths_resolved(args),
         run=run,
     )
+
+
+def _with_config_paths_resolved(args: list[str] | None) -> list[str] | None:
+    """`resolve_config_args` on ``args``, or on ``sys.argv`` in place when ``args`` is None (so that
+    Lightning still reads the command line itself and does not warn of args given twice)."""
+    if args is not None:
+        return resolve_config_args(args)
+    sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    return None
 
 
 # ---------------------------------------------------------------------------- one-line errors
@@ -142,6 +335,8 @@ def _known_keys() -> list[str]:
     keys = [f"{prefix}.{name}" for prefix, cls in (("model", TPGRPOModule), ("data", PromptDataModule), ("trainer", Trainer))
             for name in inspect.signature(cls.__init__).parameters if name != "self"]
     keys += [f"model.{group}.{field.name}" for group, cls in GROUPS.items() for field in fields(cls)]
+    keys += [f"{key}.{name}" for key, (cls, _) in BASE_CALLBACKS.items()
+             for name in inspect.signature(cls.__init__).parameters if name not in ("self", "args", "kwargs")]
     return keys + ["seed_everything", "ckpt_path", "optimizer", "lr_scheduler"]
 
 
@@ -157,13 +352,15 @@ def _one_line(message: str) -> str:
 
 
 def suggest_key(key: str) -> str | None:
-    """The known setting a misspelt or ungrouped key most likely means (``model.noise_level`` ->
-    ``model.sampling.noise_level``), or None."""
+    """The known setting a misspelt or ungrouped key most likely means (``model.noise_level``,
+    ``modle.noise_level`` -> ``model.sampling.noise_level``), or None."""
     known = _known_keys()
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     if close:
         return close[0]
     prefix, _, name = key.partition(".")
+    prefixes = sorted({k.split(".", 1)[0] for k in known})
+    prefix = next(iter(difflib.get_close_matches(prefix, prefixes, n=1, cutoff=0.75)), prefix)  # "modle" -> "model"
     by_name = {k.rsplit(".", 1)[-1]: k for k in known if k.startswith(f"{prefix}.")}
     close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(by_name), n=1, cutoff=0.8)
     return by_name[close[0]] if close else None
@@ -172,7 +369,7 @@ def suggest_key(key: str) -> str | None:
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; input errors end the program with one line on stderr and exit status 2."""
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
+        check_config_files(resolve_config_args(sys.argv[1:] if args is None else args))
         build_cli(args, exit_on_error=False)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)

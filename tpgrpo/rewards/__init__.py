@@ -1,4 +1,24 @@
 """Reward functions behind one interface, looked up by name (see `base.py`)."""
-from tpgrpo.rewards.base import REWARDS, Reward, WeightedReward, build_reward, register_reward
+from tpgrpo.rewards.base import (
+    REWARD_MODULES,
+    REWARDS,
+    Reward,
+    RewardConfigError,
+    WeightedReward,
+    build_reward,
+    register_reward,
+    reward_class,
+    validate_reward_weights,
+)
 
-__all__ = ["REWARDS", "Reward", "WeightedReward", "build_reward", "register_reward"]
+__all__ = [
+    "REWARD_MODULES",
+    "REWARDS",
+    "Reward",
+    "RewardConfigError",
+    "WeightedReward",
+    "build_reward",
+    "register_reward",
+    "reward_class",
+    "validate_reward_weights",
+]

@@ -11,24 +11,70 @@ for logging. Rewards run without gradients and never modify their inputs.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Callable
 
 import torch
 
 from tpgrpo.errors import UserInputError
 
-REWARDS: dict[str, type["Reward"]] = {}
+# The module that registers each built-in reward; `build_reward` imports only the modules of the
+# rewards a config names, so an optional reward whose dependencies are missing breaks only itself.
+REWARD_MODULES: dict[str, str] = {
+    "aesthetic": "tpgrpo.rewards.aesthetic",
+    "clipscore": "tpgrpo.rewards.clipscore",
+    "geneval": "tpgrpo.rewards.geneval_detector",
+    "geneval_http": "tpgrpo.rewards.geneval_http",
+    "jpeg_compressibility": "tpgrpo.rewards.jpeg",
+    "jpeg_incompressibility": "tpgrpo.rewards.jpeg",
+    "ocr": "tpgrpo.rewards.ocr",
+    "pickscore": "tpgrpo.rewards.pickscore",
+    "shapes": "tpgrpo.rewards.shapes",
+}
+
+
+class RewardRegistry(Mapping):
+    """Reward name -> class: the classes registered so far and, imported on first lookup, the built-in ones.
+
+    ``name in REWARDS`` and iteration cover every available name (`REWARD_MODULES` too) without
+    importing anything; ``REWARDS[name]`` imports the reward's module if needed (`reward_class`).
+    """
+
+    def __init__(self, modules: Mapping[str, str]):
+        self.classes: dict[str, type[Reward]] = {}
+        self.modules = modules
+
+    def __getitem__(self, name: str) -> type[Reward]:
+        if name not in self.classes and name in self.modules:
+            return reward_class(name)
+        return self.classes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.classes or name in self.modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(self.classes) | set(self.modules)))
+
+    def __len__(self) -> int:
+        return len(set(self.classes) | set(self.modules))
+
+
+REWARDS = RewardRegistry(REWARD_MODULES)
 
 
 def register_reward(name: str) -> Callable[[type["Reward"]], type["Reward"]]:
-    """Class decorator: make a reward available to configs under ``name``."""
+    """Class decorator: make a reward available to configs under ``name``.
+
+    A built-in reward also needs an entry in `REWARD_MODULES` (its module is imported on demand).
+    """
 
     def add(cls: type[Reward]) -> type[Reward]:
-        if name in REWARDS and REWARDS[name] is not cls:
+        if name in REWARDS.classes and REWARDS.classes[name] is not cls:
             raise ValueError(f"reward {name!r} is registered twice")
         cls.name = name
-        REWARDS[name] = cls
+        REWARDS.classes[name] = cls
         return cls
 
     return add
@@ -90,19 +136,61 @@ class WeightedReward(torch.nn.Module):
         return out
 
 
-def build_reward(weights: Mapping[str, float], options: Mapping[str, Mapping] | None = None) -> WeightedReward:
-    """Build the weighted reward of a config: ``{"shapes": 1.0, "jpeg": 0.5}``.
+def reward_class(name: str) -> type[Reward]:
+    """The class registered as ``name``, importing the module of a built-in reward first.
 
-    ``options`` maps a reward name to keyword arguments of its class.
+    An unknown name is a `RewardConfigError` listing the available names; a reward module that
+    fails to import (a missing optional dependency, a broken install) is one naming the reward and
+    the cause. Other rewards are unaffected: only the requested reward's module is imported.
     """
-    import tpgrpo.rewards.builtin  # noqa: F401  (registers the built-in rewards)
+    if name in REWARDS.classes:
+        return REWARDS.classes[name]
+    module = REWARDS.modules.get(name)
+    if module is None:
+        raise RewardConfigError(f"unknown reward {name!r}; available: {', '.join(REWARDS)}")
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # ImportError, or whatever the module raised while importing
+        cause = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise RewardConfigError(
+            f"reward {name!r} is unavailable: importing {module} failed ({cause}); "
+            "install what it needs or remove it from the rewards"
+        ) from error
+    if name not in REWARDS.classes:
+        raise RewardConfigError(f"reward {name!r} is unavailable: {module} does not register it")
+    return REWARDS.classes[name]
 
+
+def validate_reward_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Reward weights as floats, or a `RewardConfigError` saying what to change.
+
+    Every weight must be a finite number (a NaN or infinite weight makes every total reward
+    NaN or infinite) and at least one non-zero (all-zero weights train on nothing).
+    """
+    if not isinstance(weights, Mapping) or not weights:
+        raise RewardConfigError("rewards: name at least one reward with its weight, e.g. {shapes: 1.0}")
+    checked: dict[str, float] = {}
+    for name, weight in weights.items():
+        is_number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not is_number or not math.isfinite(weight):
+            raise RewardConfigError(f"rewards.{name}: the weight must be a finite number, got {weight!r}; set e.g. 1.0")
+        checked[str(name)] = float(weight)
+    if not any(checked.values()):
+        raise RewardConfigError("rewards: all weights are zero; give at least one reward a non-zero weight")
+    return checked
+
+
+def build_reward(weights: Mapping[str, float], options: Mapping[str, Mapping] | None = None) -> WeightedReward:
+    """Build the weighted reward of a config: ``{"shapes": 1.0, "jpeg_compressibility": 0.5}``.
+
+    ``options`` maps a reward name to keyword arguments of its class. Only the modules of the
+    named rewards are imported (`reward_class`); the weights are checked by `validate_reward_weights`.
+    """
+    weights = validate_reward_weights(weights)
     options = dict(options or {})
-    unknown = sorted(set(weights) - set(REWARDS))
-    if unknown:
-        raise ValueError(f"unknown reward {unknown[0]!r}; available: {', '.join(sorted(REWARDS))}")
     stray = sorted(set(options) - set(weights))
     if stray:
-        raise ValueError(f"options given for reward {stray[0]!r}, which is not in the rewards list")
-    rewards = {name: REWARDS[name](**options.get(name, {})) for name in weights}
-    return WeightedReward(rewards, {name: float(w) for name, w in weights.items()})
+        raise RewardConfigError(f"options given for reward {stray[0]!r}, which is not in the rewards list")
+    classes = {name: reward_class(name) for name in weights}
+    rewards = {name: cls(**options.get(name, {})) for name, cls in classes.items()}
+    return WeightedReward(rewards, weights)

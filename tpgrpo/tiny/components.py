@@ -210,6 +210,24 @@ def build_pipeline(
     )
 
 
+def save_pipeline(pipe: StableDiffusion3Pipeline, path: str | os.PathLike) -> Path:
+    """``save_pretrained`` so that the plain diffusers load samples: the transformer and VAE in float16,
+    the text encoders in float32.
+
+    ``StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``
+    gives diffusers models in float32 whatever their files hold, but transformers models in the
+    dtype of their files: float16 text encoders would feed float16 embeddings to a float32
+    transformer ("Input type (c10::Half) and bias type (float) should be the same"). The
+    pipeline's modules are cast in place.
+    """
+    pipe.transformer.to(torch.float16)
+    pipe.vae.to(torch.float16)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        encoder.to(torch.float32)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
 def load_pipeline(path: str | os.PathLike = DEFAULT_MODEL_DIR, dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
     """Load a pipeline saved by ``save_pretrained`` (the shipped tiny model by default).
 

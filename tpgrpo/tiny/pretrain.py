@@ -15,7 +15,8 @@ Stages, all within the ``--minutes`` wall-clock budget:
    warm-up and a cosine decay over the remaining wall-clock time, an EMA of the weights.
 
 Scenes come from every record of `tpgrpo.tiny.scenes` except the held-out test prompts, and the
-pipeline is saved with ``save_pretrained`` in half precision with the EMA transformer weights,
+pipeline is saved with `components.save_pipeline` (transformer and VAE in half precision, text
+encoders in float32, so that the plain diffusers load samples) with the EMA transformer weights,
 plus ``pretrain.json`` (arguments and training statistics). One thread is the default: on a
 2-core machine shared with other work, two OpenMP threads stall each other (measured 3x slower).
 """
@@ -34,7 +35,7 @@ from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 from tpgrpo.tiny import scenes
-from tpgrpo.tiny.components import MAX_SEQUENCE_LENGTH, build_pipeline
+from tpgrpo.tiny.components import MAX_SEQUENCE_LENGTH, build_pipeline, save_pipeline
 
 # Share of each tag among the pretraining scenes.
 TAG_WEIGHTS: dict[str, float] = {
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     pipe.transformer.load_state_dict(state)
     pipe.transformer.eval()
-    pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
+    save_pipeline(pipe, args.out)
     info = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "vae": vae_stats,
