@@ -1,5 +1,6 @@
 """Prompt files, group batches across ranks, evaluation batches, and the DataModule under Lightning."""
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -55,13 +56,88 @@ def test_jsonl_keeps_the_whole_record_as_metadata(tmp_path):
         ("noprompt.jsonl", b'{"prompt": "a"}\n{"text": "b"}\n', r"noprompt\.jsonl, line 2: no \"prompt\" key"),
         ("list.jsonl", b'["a"]\n', r"list\.jsonl, line 1: expected a JSON object"),
         ("latin1.txt", b"ok\ncaf\xe9\n", r"latin1\.txt, line 2: not UTF-8"),
-        ("prompts.csv", b"a\n", r"prompts\.csv: unsupported prompt file type '\.csv'"),
+        ("prompts.tsv", b"a\n", r"prompts\.tsv: unsupported prompt file type '\.tsv'; use \.txt, \.jsonl, \.csv, \.parquet"),
     ],
 )
 def test_prompt_file_errors_name_the_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(PromptFileError, match=message):
         read_prompts(tmp_path / name)
+
+
+def test_csv_reads_the_prompt_column(tmp_path):
+    path = tmp_path / "pickapic.csv"
+    # a BOM, a quoted cell with a comma and a line break, an empty cell, a blank cell: skipped
+    path.write_bytes(
+        "\ufeffbest_image_uid,caption,ranking\n"
+        'u1,"a cat, sleeping",0\n'
+        "u2,,1\n"
+        'u3,"two\nlines ",1\n'
+        "u4,   ,0\n"
+        "u5,  a red car  ,1\n".encode()
+    )
+    prompts = read_prompts(path)
+    assert prompts.prompts == ["a cat, sleeping", "two\nlines", "a red car"] and prompts.metadata == [{}, {}, {}]
+    assert read_prompts(path, prompt_column="best_image_uid").prompts == ["u1", "u2", "u3", "u4", "u5"]
+
+
+@pytest.mark.parametrize(
+    "content, column, message",
+    [
+        (b"uid,text\n1,a cat\n", "caption", r"t\.csv: no column 'caption' \(columns: 'uid', 'text'\); set data\.prompt_column"),
+        (b"caption\n\n , \n", "caption", r"t\.csv: no prompts"),
+        (b"", "caption", r"t\.csv: no prompts"),
+        (b"caption\nok\ncaf\xe9\n", "caption", r"t\.csv, line 3: not UTF-8"),
+        (b'caption\n"never closed\n', "caption", r"t\.csv, line \d+: not valid CSV"),
+    ],
+)
+def test_csv_errors(tmp_path, content, column, message):
+    (tmp_path / "t.csv").write_bytes(content)
+    with pytest.raises(PromptFileError, match=message):
+        read_prompts(tmp_path / "t.csv", prompt_column=column)
+
+
+def test_datamodule_passes_its_prompt_column(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("id,text\n" + "".join(f"{i},prompt {i}\n" for i in range(4)))
+    dm = PromptDataModule(train_prompts=str(path), prompts_per_step=2, prompt_column="text")
+    dm.setup("fit")
+    assert dm.prompt_sets["fit"].prompts == [f"prompt {i}" for i in range(4)]
+    with pytest.raises(PromptFileError, match="no column 'caption'"):
+        PromptDataModule(train_prompts=str(path), prompts_per_step=2).setup("fit")
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "p.parquet").write_bytes(b"PAR1")
+    with pytest.raises(PromptFileError, match=r"p\.parquet: reading \.parquet prompt files needs pyarrow; pip install pyarrow"):
+        read_prompts(tmp_path / "p.parquet")
+
+
+def test_parquet_reads_the_prompt_column(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"caption": ["a cat", None, "  ", " a dog "], "uid": [1, 2, 3, 4]})
+    pq.write_table(table, tmp_path / "p.parquet")
+    assert read_prompts(tmp_path / "p.parquet").prompts == ["a cat", "a dog"]
+    with pytest.raises(PromptFileError, match=r"no column 'text' \(columns: 'caption', 'uid'\)"):
+        read_prompts(tmp_path / "p.parquet", prompt_column="text")
+    with pytest.raises(PromptFileError, match=r"row 0: column 'uid' holds int values"):
+        read_prompts(tmp_path / "p.parquet", prompt_column="uid")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(PromptFileError, match=r"bad\.parquet: cannot read the Parquet file"):
+        read_prompts(tmp_path / "bad.parquet")
+
+
+def test_geneval_records_of_any_classes_pass_through(tmp_path):
+    """The reader checks the format only: COCO records are metadata as they are (no shapes-world check)."""
+    record = {"tag": "position", "include": [{"class": "cat", "count": 1},
+              {"class": "dog", "count": 1, "position": ["left of", 0]}], "prompt": "a photo of a dog left of a cat"}
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    assert read_prompts(path).metadata == [record]
 
 
 def test_missing_file(tmp_path):

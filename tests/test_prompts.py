@@ -43,10 +43,17 @@ def test_geneval_prompts_read_as_genevals():
     first = {tag: next(geneval_candidates(tag)) for tag in TAGS}
     assert first["single_object"]["prompt"] == "a photo of a person"
     assert first["counting"]["prompt"] == "a photo of two people"
-    assert first["colors"]["prompt"] == "a photo of a red person"
+    assert first["colors"]["prompt"] == "a photo of a red bicycle"  # GenEval colours no person
     assert first["position"]["prompt"] == "a photo of a person left of a bicycle"
     assert first["two_object"]["prompt"] == "a photo of a person and a bicycle"
-    assert first["color_attr"]["prompt"] == "a photo of a red person and an orange bicycle"
+    assert first["color_attr"]["prompt"] == "a photo of a red bicycle and an orange car"
+    for tag in ("colors", "color_attr"):
+        records = list(geneval_candidates(tag))
+        assert all(clause["class"] != "person" for r in records for clause in r["include"])
+        assert {clause["class"] for r in records for clause in r["include"]} == set(GENEVAL_OBJECTS) - {"person"}
+    # every tag's full candidate count: 80 objects (79 colourable), 10 colours, 4 relations, counts 2-4
+    assert [sum(1 for _ in geneval_candidates(tag)) for tag in TAGS] == [
+        80, 80 * 79 // 2, 80 * 3, 79 * 10, 80 * 79 * 4, 79 * 78 * 10 * 9]
 
 
 def test_geneval_split_is_deterministic_disjoint_and_seeded():

@@ -1,8 +1,12 @@
 """Prompt files and the DataModule: training batches of complete prompt groups, split across ranks.
 
-Prompt files are ``.txt`` (one prompt per line, blank lines skipped; metadata ``{}``) or
+Prompt files are ``.txt`` (one prompt per line, blank lines skipped; metadata ``{}``),
 ``.jsonl`` (one JSON object per line with a ``"prompt"`` key; the whole record is the
-prompt's metadata, passed to the rewards).
+prompt's metadata, passed to the rewards, whatever its classes: checking a record against a
+reward's world, e.g. the shapes world's, is that reward's job), or a table, ``.csv`` (read with
+the standard library) or ``.parquet`` (needs ``pyarrow``), of which only the column
+``prompt_column`` (default ``"caption"``, Pick-a-Pic's) is read; empty cells are skipped and the
+metadata is ``{}``.
 
 Training: every epoch shuffles the prompts with ``(seed, epoch)``. Global step ``s`` takes the
 next ``prompts_per_step × world_size`` prompts of that permutation; rank ``r`` takes the
@@ -26,8 +30,10 @@ apply.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tpgrpo.errors import UserInputError
 
-PROMPT_SUFFIXES = (".txt", ".jsonl")
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+DEFAULT_PROMPT_COLUMN = "caption"  # Pick-a-Pic's prompt column
 # The prompt file argument each Lightning stage reads.
 STAGE_FILES: Mapping[str, str] = {
     "fit": "train_prompts", "validate": "val_prompts", "test": "test_prompts", "predict": "predict_prompts"
@@ -61,17 +68,38 @@ class PromptSet:
         return len(self.prompts)
 
 
-def read_prompts(path: str | Path) -> PromptSet:
-    """Read a ``.txt`` or ``.jsonl`` prompt file; raise `PromptFileError` on any problem."""
+def read_prompts(path: str | Path, prompt_column: str = DEFAULT_PROMPT_COLUMN) -> PromptSet:
+    """Read a ``.txt``, ``.jsonl``, ``.csv`` or ``.parquet`` prompt file; raise `PromptFileError` on any problem.
+
+    ``prompt_column``: the column holding the prompts in a ``.csv`` or ``.parquet`` table.
+    """
     path = Path(path)
     if path.suffix not in PROMPT_SUFFIXES:
-        raise PromptFileError(f"{path}: unsupported prompt file type {path.suffix!r}; use .txt or .jsonl")
+        raise PromptFileError(
+            f"{path}: unsupported prompt file type {path.suffix!r}; use {', '.join(PROMPT_SUFFIXES)}"
+        )
     if not path.is_file():
         raise PromptFileError(f"{path}: prompt file not found")
-    try:
-        content = path.read_bytes()
-    except OSError as error:
-        raise PromptFileError(f"{path}: cannot read the prompt file ({error.strerror or error})") from None
+    if path.suffix == ".parquet":
+        prompts = _parquet_prompts(path, prompt_column)
+        metadata: list[dict[str, Any]] = [{} for _ in prompts]
+    else:
+        try:
+            content = path.read_bytes()
+        except OSError as error:
+            raise PromptFileError(f"{path}: cannot read the prompt file ({error.strerror or error})") from None
+        if path.suffix == ".csv":
+            prompts = _csv_prompts(content, path, prompt_column)
+            metadata = [{} for _ in prompts]
+        else:
+            prompts, metadata = _line_prompts(content, path)
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompts in the file (it is empty or blank)")
+    return PromptSet(str(path), prompts, metadata)
+
+
+def _line_prompts(content: bytes, path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Prompts and metadata of a ``.txt`` or ``.jsonl`` file's bytes (blank lines skipped)."""
     prompts: list[str] = []
     metadata: list[dict[str, Any]] = []
     for number, raw in enumerate(content.splitlines(), start=1):
@@ -84,9 +112,63 @@ def read_prompts(path: str | Path) -> PromptSet:
         prompt, record = (line, {}) if path.suffix == ".txt" else _parse_record(line, path, number)
         prompts.append(prompt)
         metadata.append(record)
-    if not prompts:
-        raise PromptFileError(f"{path}: no prompts in the file (it is empty or blank)")
-    return PromptSet(str(path), prompts, metadata)
+    return prompts, metadata
+
+
+def _missing_column(path: Path, column: str, columns: Sequence[str]) -> PromptFileError:
+    found = ", ".join(repr(c) for c in columns) or "none"
+    return PromptFileError(f"{path}: no column {column!r} (columns: {found}); set data.prompt_column")
+
+
+def _csv_prompts(content: bytes, path: Path, column: str) -> list[str]:
+    """The non-empty cells of ``column`` of a CSV file's bytes (UTF-8, a header row first), stripped."""
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = content[: error.start].count(b"\n") + 1
+        raise PromptFileError(f"{path}, line {line}: not UTF-8 text") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    prompts: list[str] = []
+    try:
+        if reader.fieldnames is None:
+            return prompts
+        if column not in reader.fieldnames:
+            raise _missing_column(path, column, reader.fieldnames)
+        for row in reader:
+            cell = (row.get(column) or "").strip()
+            if cell:
+                prompts.append(cell)
+    except csv.Error as error:
+        raise PromptFileError(f"{path}, line {reader.line_num}: not valid CSV ({error})") from None
+    return prompts
+
+
+def _parquet_prompts(path: Path, column: str) -> list[str]:
+    """The non-empty string values of ``column`` of a Parquet file, stripped (only that column is read)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise PromptFileError(f"{path}: reading .parquet prompt files needs pyarrow; pip install pyarrow") from None
+    try:
+        schema = parquet.read_schema(path)
+        if column not in schema.names:
+            raise _missing_column(path, column, schema.names)
+        values = parquet.read_table(path, columns=[column]).column(column).to_pylist()
+    except (pyarrow.ArrowException, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PromptFileError(f"{path}: cannot read the Parquet file ({reason})") from None
+    prompts: list[str] = []
+    for row, value in enumerate(values):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise PromptFileError(
+                f"{path}, row {row}: column {column!r} holds {type(value).__name__} values, not prompt strings"
+            )
+        if value.strip():
+            prompts.append(value.strip())
+    return prompts
 
 
 def _parse_record(line: str, path: Path, number: int) -> tuple[str, dict[str, Any]]:
@@ -242,11 +324,13 @@ class PromptDataModule(LightningDataModule):
         eval_seeds: int = 1,
         eval_batch_size: int = 16,
         seed: int = 0,
+        prompt_column: str = DEFAULT_PROMPT_COLUMN,
     ):
         """
         Args:
             train_prompts: prompt file for `fit` (.txt: one prompt per line; .jsonl: records
-                with a "prompt" key, the record is passed to the rewards as metadata).
+                with a "prompt" key, the record is passed to the rewards as metadata; .csv or
+                .parquet: a table whose column `prompt_column` holds the prompts).
             val_prompts: prompt file for validation during `fit` and for `validate` (optional in `fit`).
             test_prompts: prompt file for `test`.
             predict_prompts: prompt file for `predict`.
@@ -255,6 +339,7 @@ class PromptDataModule(LightningDataModule):
             eval_seeds: images per evaluation prompt, with the fixed seeds 0 .. eval_seeds - 1.
             eval_batch_size: images per evaluation batch.
             seed: seed of the per-epoch shuffle of the training prompts.
+            prompt_column: the column of the prompts in .csv and .parquet files ("caption" in Pick-a-Pic).
         """
         super().__init__()
         for name, value, minimum in (
@@ -278,7 +363,7 @@ class PromptDataModule(LightningDataModule):
         for part in ["fit", "validate"] if stage == "fit" else [stage]:
             path = self.hparams[STAGE_FILES[part]]
             if path is not None:
-                self.prompt_sets[part] = read_prompts(path)
+                self.prompt_sets[part] = read_prompts(path, self.hparams.prompt_column)
             elif part == stage:
                 raise UserInputError(f"{stage} needs a prompt file: set data.{STAGE_FILES[part]}")
         if stage == "fit":

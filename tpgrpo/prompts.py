@@ -6,7 +6,10 @@
 ``geneval`` writes ``train.jsonl`` and ``test.jsonl``: GenEval metadata records (``tag``,
 ``include``, optional ``exclude``, ``prompt``) over GenEval's 80 COCO objects and its six tags,
 phrased as GenEval's prompts are ("a photo of three cups", "a photo of a dog left of a cat").
-Counting asks for 2-4 objects and excludes one more, as GenEval does. ``ocr`` writes
+Counting asks for 2-4 objects and excludes one more, and no prompt gives a person a colour
+(``colors``, ``color_attr``), as in GenEval; plurals are proper English ("people", "knives"),
+where GenEval's script appends "s". The object names are ``GENEVAL_OBJECTS`` of
+`tpgrpo.rewards.geneval_detector`, shared with the detector reward. ``ocr`` writes
 ``train.txt`` and ``test.txt``: one prompt per line, each quoting a word or short phrase to render.
 Test prompts never occur in the training file (for OCR, neither does the quoted text).
 """
@@ -23,6 +26,7 @@ from tpgrpo.rewards.geneval import TAGS
 from tpgrpo.rewards.geneval_detector import COLORS, GENEVAL_OBJECTS
 
 RELATIONS = ("left of", "right of", "above", "below")
+UNCOLORED = ("person",)  # GenEval writes no "a photo of a red person"
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 IRREGULAR_PLURALS = {
     "person": "people", "mouse": "mice", "computer mouse": "computer mice", "knife": "knives", "sheep": "sheep",
@@ -54,8 +58,10 @@ def _record(tag: str, include: list[dict], prompt: str, exclude: list[dict] | No
 
 
 def geneval_candidates(tag: str, objects: Sequence[str] = GENEVAL_OBJECTS, colors: Sequence[str] = COLORS) -> Iterator[dict]:
-    """Every record of ``tag`` our templates can make (pairs of different objects where two are named)."""
+    """Every record of ``tag`` our templates can make (pairs of different objects where two are named;
+    objects in `UNCOLORED` never get a colour)."""
     pairs = ((a, b) for a, b in itertools.permutations(objects, 2))
+    colorable = [name for name in objects if name not in UNCOLORED]
     if tag == "single_object":
         for name in objects:
             yield _record(tag, [{"class": name, "count": 1}], f"a photo of {with_article(name)}")
@@ -68,14 +74,15 @@ def geneval_candidates(tag: str, objects: Sequence[str] = GENEVAL_OBJECTS, color
             yield _record(tag, [{"class": name, "count": count}], f"a photo of {NUMBERS[count]} {plural(name)}",
                           exclude=[{"class": name, "count": count + 1}])
     elif tag == "colors":
-        for name, color in itertools.product(objects, colors):
+        for name, color in itertools.product(colorable, colors):
             yield _record(tag, [{"class": name, "count": 1, "color": color}], f"a photo of {with_article(f'{color} {name}')}")
     elif tag == "position":
         for (a, b), relation in itertools.product(pairs, RELATIONS):
             yield _record(tag, [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}],
                           f"a photo of {with_article(a)} {relation} {with_article(b)}")
     elif tag == "color_attr":
-        for (a, b), (ca, cb) in itertools.product(pairs, itertools.permutations(colors, 2)):
+        colorable_pairs = itertools.permutations(colorable, 2)
+        for (a, b), (ca, cb) in itertools.product(colorable_pairs, itertools.permutations(colors, 2)):
             yield _record(tag, [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
                           f"a photo of {with_article(f'{ca} {a}')} and {with_article(f'{cb} {b}')}")
     else:
