@@ -2,51 +2,16 @@
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    GotOcr2Config,
-    GotOcr2ForConditionalGeneration,
-    GotOcr2ImageProcessorPil,
-    GotOcr2Processor,
-    PreTrainedTokenizerFast,
-)
 
+from tests.helpers.tiny_models import save_tiny_got_ocr2
 from tpgrpo.rewards.base import RewardConfigError, build_reward
 from tpgrpo.rewards.clip_models import ModelLoadError
 from tpgrpo.rewards.ocr import OcrReward, got_ocr2_image_tokens, text_similarity
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>"]
-
-
-def tiny_tokenizer():
-    """Byte-level tokenizer without merges (every byte one token) plus GOT-OCR2's special tokens."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny_got_ocr2(tmp_path_factory):
     """A folder with a random 1-layer GOT-OCR2 (64-px images, 16 image tokens) and its processor."""
-    tokenizer = tiny_tokenizer()
-    processor = GotOcr2Processor(image_processor=GotOcr2ImageProcessorPil(size={"height": 64, "width": 64}),
-                                 tokenizer=tokenizer)
-    config = GotOcr2Config(
-        vision_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=64, patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=32),
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256),
-        image_token_index=tokenizer.convert_tokens_to_ids("<imgpad>"),
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_got_ocr2")
-    GotOcr2ForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_got_ocr2(tmp_path_factory.mktemp("tiny_got_ocr2"))
 
 
 def pictures_batch(count=3, size=40):

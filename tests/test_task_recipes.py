@@ -1,11 +1,11 @@
 """Each task file on each real-model config trains: a 2-step ``fit`` through the CLI on tiny random
 stand-ins of the same architecture (SD3 and FLUX pipelines) with the task's real reward code
-(a tiny random Mask2Former and CLIP for GenEval, a tiny CLIP for PickScore)."""
+(a tiny random Mask2Former and CLIP for GenEval, a tiny CLIP for PickScore, a tiny GOT-OCR2 for OCR)."""
 import json
 
 import pytest
 
-from tests.helpers.tiny_models import save_tiny_detector, save_tiny_geneval_clip, tiny_flux_pipeline
+from tests.helpers.tiny_models import save_tiny_detector, save_tiny_geneval_clip, save_tiny_got_ocr2, tiny_flux_pipeline
 from tpgrpo.cli import build_cli
 
 GENEVAL_RECORDS = [
@@ -31,6 +31,7 @@ def stand_ins(tmp_path_factory, tiny_model_dir):
         "flux": (str(flux), ["--model.sampling.resolution=16", "--model.max_sequence_length=6"]),
         "detector": save_tiny_detector(root / "mask2former"),
         "clip": save_tiny_geneval_clip(root / "clip"),
+        "ocr": str(save_tiny_got_ocr2(root / "got_ocr2")),
         "root": root,
     }
 
@@ -40,25 +41,15 @@ def task_overrides(task, stand_ins):
     if task == "geneval":
         reward = f'{{geneval: {{weight: 1.0, detector: "{stand_ins["detector"]}", clip: "{stand_ins["clip"]}"}}}}'
         return [f"--model.rewards={reward}", f"--data.train_prompts={root / 'geneval.jsonl'}"]
-    if task == "ocr":
-        return [f"--data.train_prompts={root / 'ocr.txt'}"]
+    if task == "ocr":  # the task file's reward (Tesseract) with the transformers engine, as Tesseract is not here
+        reward = f'{{ocr: {{weight: 1.0, engine: got_ocr2, model: "{stand_ins["ocr"]}", max_new_tokens: 4}}}}'
+        return [f"--model.rewards={reward}", f"--data.train_prompts={root / 'ocr.txt'}"]
     clip = stand_ins["clip"]
     reward = f'{{pickscore: {{weight: 1.0, model: "{clip}", processor: "{clip}"}}}}'
     return [f"--model.rewards={reward}", f"--data.train_prompts={root / 'prompts.txt'}"]
 
 
-def tesseract_missing() -> bool:
-    import shutil
-    from importlib.util import find_spec
-
-    return find_spec("pytesseract") is None or shutil.which("tesseract") is None
-
-
-@pytest.mark.parametrize(
-    "task",
-    ["geneval", "pickscore", pytest.param("ocr", marks=pytest.mark.skipif(
-        tesseract_missing(), reason="the ocr reward reads with Tesseract: make install-ocr"))],
-)
+@pytest.mark.parametrize("task", ["geneval", "pickscore", "ocr"])
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_task_recipe_fits_two_steps(tmp_path, stand_ins, family, task):
     path, model_overrides = stand_ins[family]
