@@ -211,9 +211,10 @@ def test_test_and_predict_subcommands(tmp_path, tiny_model_dir, prompt_file):
 
 # ------------------------------------------------------------------------------- base callbacks
 def demo_trainer(tmp_path, model_dir, *extra):
-    """The trainer of `make demo`'s config (configs/tiny.yaml) on the small random model."""
+    """The trainer of `make demo`'s config (configs/tiny.yaml) on the small random model, with the base
+    EMA put back (the demo turns it off, see tiny.yaml) so that every base callback is there."""
     args = ["--config", "configs/tiny.yaml", f"--model.pretrained_path={model_dir}", f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", *extra]
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--ema={class_path: tpgrpo.ema.LoRAEMA}", *extra]
     return build_cli(args, run=False).trainer
 
 
