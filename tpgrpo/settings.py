@@ -14,6 +14,7 @@ from typing import Any, TypeVar, Union
 
 from tpgrpo.credit import CREDITS
 from tpgrpo.errors import UserInputError
+from tpgrpo.rewards.base import validate_reward_weights
 from tpgrpo.sde import STEP_KINDS
 
 
@@ -273,21 +274,16 @@ def parse_rewards(rewards: Mapping[str, Any] | None) -> list[RewardSpec]:
     """
     rewards = DEFAULT_REWARDS if rewards is None else rewards
     _check(isinstance(rewards, Mapping) and len(rewards) > 0, "rewards must name at least one reward, e.g. {shapes: 1.0}")
-    specs = []
+    weights, options = {}, {}
     for name, value in rewards.items():
         if isinstance(value, Mapping):
-            options = dict(value)
-            _check("weight" in options, f"rewards.{name} needs a weight, e.g. {{{name}: {{weight: 1.0, ...options}}}}")
-            weight = options.pop("weight")
+            options[name] = dict(value)
+            _check("weight" in options[name], f"rewards.{name} needs a weight, e.g. {{{name}: {{weight: 1.0, ...options}}}}")
+            weights[name] = options[name].pop("weight")
         else:
-            weight, options = value, {}
-        _check(
-            isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight),
-            f"rewards.{name}: the weight must be a finite number, got {weight!r}",
-        )
-        specs.append(RewardSpec(str(name), float(weight), options))
-    _check(any(spec.weight != 0 for spec in specs), "rewards: all weights are zero; give at least one reward a non-zero weight")
-    return specs
+            weights[name], options[name] = value, {}
+    checked = validate_reward_weights(weights)
+    return [RewardSpec(name, weight, options[name]) for name, weight in checked.items()]
 
 
 GROUPS: dict[str, type] = {
