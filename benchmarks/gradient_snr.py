@@ -60,9 +60,9 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> dict:
         collected = model.collect(batch, ("gradient_snr", args.seed, number))
         per_batch.append(policy_gradient(model, collected))
         permutation = torch.randperm(len(batch["prompts"]), generator=torch.Generator().manual_seed(number))
-        shuffled.append(sum(policy_gradient(model, collected, collected["advantages"][permutation])))
-        rewards.append(float(collected["rewards"][:, -1].mean()))
-        spreads.append(reward_spread(collected["rewards"][:, -1], collected["group_ids"]))
+        shuffled.append(sum(policy_gradient(model, collected, collected.advantages[permutation])))
+        rewards.append(float(collected.final_rewards.mean()))
+        spreads.append(reward_spread(collected.final_rewards, collected.group_ids))
     seconds = time.perf_counter() - started
 
     totals = [sum(transitions) for transitions in per_batch]

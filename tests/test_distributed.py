@@ -22,7 +22,7 @@ def fit(tmp_path: Path, name: str, devices: int, strategy: str, *extra: str) -> 
     args = [
         sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
         "--model.sampling.num_steps=3", "--model.evaluation.num_steps=2", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
-        "--model.lora.rank=4", "--model.lora.alpha=8", "--model.evaluation.log_images_every_n_steps=0",
+        "--model.lora.rank=4", "--model.lora.alpha=8", "--images.every_n_train_steps=0",
         "--model.credit.balance_scope=global",  # the spec balances per rank batch; global balancing is layout-free
         "--model.optimizer.eps=1e-4",  # near-zero gradients: Adam's default eps turns float noise into full-size steps
         "--data.val_prompts=null", "--data.group_size=4", f"--data.prompts_per_step={4 // devices}",
@@ -110,10 +110,10 @@ def test_fsdp2_with_bf16_mixed_precision_trains(tmp_path):
 
 
 @pytest.mark.parametrize("scope", ["rank", "global"])
-def test_balance_scope_balances_over_this_rank_or_all_ranks(monkeypatch, tiny_model_dir, scope):
+def test_balance_scope_balances_over_this_rank_or_all_ranks(tiny_model_dir, scope):
     """Rank 0 of 2: "rank" balances its own rows alone, "global" balances them together with rank 1's."""
-    import tpgrpo.module as module_file
     from tpgrpo import credit
+    from tpgrpo.distributed import Collectives
     from tpgrpo.module import TPGRPOModule
 
     model = TPGRPOModule(pretrained_path=str(tiny_model_dir), sampling={"num_steps": 3, "window_size": 2}, credit={"balance_scope": scope})
@@ -121,9 +121,10 @@ def test_balance_scope_balances_over_this_rank_or_all_ranks(monkeypatch, tiny_mo
     # so balancing over both ranks keeps one rising turning point (the row with the larger rise)
     own = torch.tensor([[0.1, 0.3, 0.5], [0.2, 0.3, 0.7], [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]])
     other = torch.tensor([[0.9, 0.7, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
-    monkeypatch.setattr(module_file, "world_size", lambda: 2)
-    monkeypatch.setattr(module_file, "gather_rows", lambda t: torch.cat([t, t if t.dtype == torch.long else other]))
-    per_step, _, kept = model._credit(own, torch.tensor([0, 0, 1, 1]))
+    model.grpo.collectives = Collectives(
+        rank=0, world_size=2, gather_rows=lambda t: torch.cat([t, t if t.dtype == torch.long else other])
+    )
+    per_step, _, kept = model.grpo.credit_and_advantages(own, torch.tensor([0, 0, 1, 1]))
     alone = credit.turning_point_rewards(own)
     together = credit.turning_point_rewards(torch.cat([own, other]))[:4]
     assert credit.turning_points(own).sum() == 2

@@ -24,13 +24,13 @@ from tpgrpo.rewards.geneval_detector import (
     classify_colors,
     color_classifier,
     color_prompts,
-    geneval_overall,
     map_labels,
     mask_box,
     masked_crop,
     select_detections,
     validate_geneval_record,
 )
+from tpgrpo.rewards.geneval import geneval_overall
 from tpgrpo.rewards.geneval_http import GenEvalHttpReward, GenEvalServerError
 from tpgrpo.rewards.geneval_server import ScoringServer, build_scorer, main
 from tests.helpers.tiny_models import COCO_LABELS, DOG, save_tiny_detector, save_tiny_geneval_clip as save_tiny_clip

@@ -11,8 +11,10 @@ from tpgrpo import credit
 from tpgrpo.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, epoch_description
 from tpgrpo.cli import QUIET_WARNINGS, build_cli, main
 from tpgrpo.ema import LoRAEMA
+from tpgrpo.evaluation import EvalResults
 from tpgrpo.lora import disabled_adapter
 from tpgrpo.pipelines import FlowModel
+from tpgrpo.step import transition_pairs
 from tpgrpo.tiny.components import load_pipeline
 
 
@@ -28,7 +30,7 @@ def cli_args(tmp_path, model_dir, prompts, *extra):
         "--model.lora.rank=4",
         "--model.lora.alpha=8",
         "--model.update.optimizer_steps_per_batch=2",
-        "--model.evaluation.log_images_every_n_steps=1",
+        "--images.every_n_train_steps=1",
         # random weights draw no shapes: a reward that varies on any image gives a learning signal
         "--model.rewards={jpeg_incompressibility: 1.0, shapes: 0.5}",
         f"--data.train_prompts={prompts}",
@@ -119,36 +121,33 @@ def _collected(tmp_path, model_dir, prompts, *extra):
 
 def test_first_ratio_is_one(tmp_path, tiny_model_dir, prompt_file):
     model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file)
-    result = collected["rollout"]
-    rows = torch.arange(result.states.shape[0])
-    for index in model.trained_transitions(result):
-        _, metrics = model.transition_loss(
-            result, index, rows, collected["advantages"][:, index], collected["cond"]
-        )
+    rows = torch.arange(len(collected))
+    for index in model.grpo.trained_transitions(collected.rollout):
+        _, metrics = model.grpo.loss(collected, *transition_pairs(rows, [index]))
         assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-4
         assert float(metrics["clip_frac"]) == 0.0
 
 
 def test_outcome_credit_gives_flow_grpo_loss(tmp_path, tiny_model_dir, prompt_file):
     model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file, "--model.credit.method=outcome")
-    result = collected["rollout"]
+    result = collected.rollout
     assert result.final_latents.shape[1] == 1  # no branches for Flow-GRPO
-    final = collected["rewards"][:, -1]
+    final = collected.final_rewards
     expected_advantages = credit.group_advantages(
         final, batch["group_ids"], clip=model.credit.advantage_clip
     )[:, None].expand(-1, result.window_size)
-    torch.testing.assert_close(collected["advantages"], expected_advantages)
+    torch.testing.assert_close(collected.advantages, expected_advantages)
     rows = torch.arange(len(final))
-    loss, metrics = model.transition_loss(result, 0, rows, collected["advantages"][:, 0], collected["cond"])
+    loss, metrics = model.grpo.loss(collected, *transition_pairs(rows, [0]))
     # with ratio 1 the Flow-GRPO loss is -mean(A)
     assert float(loss.detach()) == pytest.approx(float(-expected_advantages[:, 0].mean()), abs=1e-4)
 
 
 def test_tp_credit_uses_turning_point_rewards(tmp_path, tiny_model_dir, prompt_file):
     model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file)
-    sequence = collected["rewards"]
+    sequence = collected.rewards
     assert sequence.shape == (8, 3)  # W + 1 rewards per image
-    torch.testing.assert_close(collected["step_rewards"], credit.turning_point_rewards(sequence))
+    torch.testing.assert_close(collected.step_rewards, credit.turning_point_rewards(sequence))
 
 
 def run_main(capsys, args):
@@ -201,8 +200,14 @@ def test_shipped_configs_parse(config, capsys):
 
 def test_test_and_predict_subcommands(tmp_path, tiny_model_dir, prompt_file):
     args = cli_args(tmp_path, tiny_model_dir, prompt_file)
-    tested = build_cli(["test", *args, f"--data.test_prompts={prompt_file}", "--data.eval_seeds=2"])
-    assert tested.model.eval_summary["reward"].shape == (8,)  # 4 prompts × 2 fixed seeds
+    results = EvalResults()
+    tested = build_cli([*args, f"--data.test_prompts={prompt_file}", "--data.eval_seeds=2"], run=False)
+    tested.trainer.callbacks.append(results)
+    tested.trainer.test(tested.model, datamodule=tested.datamodule)
+    result = results.latest("test")
+    assert result.scores["reward"].shape == (8,)  # 4 prompts × 2 fixed seeds
+    prompts = {json.loads(line)["prompt"] for line in Path(prompt_file).read_text().splitlines()}
+    assert len(result.prompts) == 8 and set(result.prompts) == prompts
     out = tmp_path / "predicted"
     build_cli(["predict", *args, f"--data.predict_prompts={prompt_file}", f"--model.evaluation.predict_dir={out}"])
     written = sorted(p.name for p in out.glob("*.png"))

@@ -16,6 +16,8 @@ project (manual optimisation, several optimizer steps per training batch):
 `LoRAExport`: writes the LoRA (EMA weights when the `tpgrpo.ema.LoRAEMA` callback is present) in
 the diffusers format to ``<log_dir>/lora`` at the end of `fit` and, optionally, every N steps.
 
+`ImageGrids`: rollout and evaluation image grids with their rewards and prompts in TensorBoard.
+
 `ProgressBar`: Lightning's progress bar without the epoch total a run bounded by ``max_steps``
 does not have (Lightning's rich bar shows "Epoch 1/-2" for ``max_epochs: -1``).
 """
@@ -37,6 +39,7 @@ from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.utilities import rank_zero_info
 
 from tpgrpo.ema import LoRAEMA
+from tpgrpo.images import image_grid
 from tpgrpo.lora import lora_state_dict, save_lora
 
 TMP_SUFFIX = ".tmp"
@@ -254,6 +257,56 @@ class LoRAExport(Callback):
         trainer.strategy.barrier("LoRAExport.export")
         self.last_export = target
         return target
+
+
+class ImageGrids(Callback):
+    """Image grids in TensorBoard: rollout images while training, samples at each evaluation.
+
+    Reads what the module's steps return (``images``, ``rewards``, ``prompts``, ``scores``); each
+    grid comes with a text of each image's reward and prompt.
+
+    Args:
+        every_n_train_steps: log the last rollout batch's main images whenever training crosses
+            a multiple of this many optimizer steps (0: never).
+        eval_images: log the first evaluation batch's samples at every validation and test.
+        count: most images per grid.
+    """
+
+    def __init__(self, every_n_train_steps: int = 50, eval_images: bool = True, count: int = 16):
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0 (0: never), got {every_n_train_steps}")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.every_n_train_steps = every_n_train_steps
+        self.eval_images = eval_images
+        self.count = count
+        self._step_before_batch = 0
+
+    def log_grid(self, trainer: Trainer, tag: str, images: Any, rewards: Any, prompts: list[str] | None = None) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image") or images is None or not len(images):
+            return
+        count = min(self.count, images.shape[0])
+        experiment.add_image(tag, image_grid(images[:count].float().cpu()), trainer.global_step)
+        captions = [f"{i}: {float(r):.3f}" + (f" {prompts[i]}" if prompts else "") for i, r in enumerate(rewards[:count])]
+        experiment.add_text(f"{tag}_captions", "  \n".join(captions), trainer.global_step)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_before_batch = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.every_n_train_steps
+        if not outputs or not every or trainer.global_step // every <= self._step_before_batch // every:
+            return
+        prompts = batch.get("prompts") if isinstance(batch, dict) else None
+        self.log_grid(trainer, "train/samples", outputs.get("images"), outputs["rewards"][:, -1], prompts)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.eval_images and batch_idx == 0 and not trainer.sanity_checking and outputs and outputs["scores"]:
+            stage = "test" if trainer.testing else "val"
+            self.log_grid(trainer, f"{stage}/samples", outputs["images"], outputs["scores"]["reward"], outputs["prompts"])
+
+    on_test_batch_end = on_validation_batch_end
 
 
 def epoch_description(epoch: int, max_epochs: int | None) -> str:

@@ -54,7 +54,7 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-from tpgrpo.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, find_last_checkpoint  # noqa: E402
+from tpgrpo.callbacks import AtomicCheckpoint, ImageGrids, LoRAExport, ProgressBar, find_last_checkpoint  # noqa: E402
 from tpgrpo.data import PromptDataModule  # noqa: E402
 from tpgrpo.ema import LoRAEMA  # noqa: E402
 from tpgrpo.errors import UserInputError  # noqa: E402
@@ -77,6 +77,7 @@ BASE_CALLBACKS: dict[str, tuple[type[Callback], type[Callback]]] = {
     "export": (LoRAExport, LoRAExport),
     "lr_monitor": (LearningRateMonitor, LearningRateMonitor),
     "progress_bar": (ProgressBar, LightningProgressBar),
+    "images": (ImageGrids, ImageGrids),
 }
 # Paths inside configs that `resolve_config_paths` looks up outside the working directory.
 PATH_KEYS: tuple[str, ...] = (

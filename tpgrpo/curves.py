@@ -4,22 +4,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lightning.pytorch import Callback
-
-from tpgrpo.evaluation import mean_and_stderr
+from tpgrpo.evaluation import EvalResults, mean_and_stderr
 
 
 CREDIT_LABELS = {"tp": "TP-GRPO", "outcome": "Flow-GRPO"}
 
 
-class HeldOutCurve(Callback):
-    """Records ``{"step", "seconds", "reward", "stderr"}`` after every validation.
+class HeldOutCurve(EvalResults):
+    """`EvalResults` that also records ``{"step", "seconds", "reward", "stderr"}`` after every validation.
 
     ``step`` is the optimizer step, ``seconds`` the time spent in training batches so far
-    (evaluation excluded), ``reward`` the mean held-out reward of the module's last evaluation.
+    (evaluation excluded), ``reward`` the mean held-out reward of that validation (this rank's images).
     """
 
     def __init__(self):
+        super().__init__()
         self.points: list[dict] = []
         self.training_seconds = 0.0
         self._started = 0.0
@@ -30,10 +29,12 @@ class HeldOutCurve(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.training_seconds += time.perf_counter() - self._started
 
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not getattr(pl_module, "eval_summary", None):
+    def on_validation_epoch_end(self, trainer, pl_module):
+        finished = self._current
+        super().on_validation_epoch_end(trainer, pl_module)
+        if finished is None or "reward" not in finished.scores:
             return
-        mean, stderr = mean_and_stderr(pl_module.eval_summary["reward"])
+        mean, stderr = mean_and_stderr(finished.scores["reward"])
         self.points.append({"step": trainer.global_step, "seconds": self.training_seconds, "reward": mean, "stderr": stderr})
 
 

@@ -4,7 +4,7 @@
 
 It uses the same CLI and config as ``train.py fit``. Before and after training it samples the
 held-out prompts (``data.val_prompts``) with fixed seeds, prints the mean reward with its
-standard error, and writes ``before_after.png`` (the same prompts and seeds before and after),
+standard error, and writes ``before_after.png`` (the same prompts and seeds before and after, each column captioned with its prompt),
 ``reward_curve.png`` (held-out reward at every validation) and ``demo.json`` into ``--out``
 (default ``outputs/demo``).
 """
@@ -21,16 +21,16 @@ import torch
 
 from tpgrpo.cli import build_cli
 from tpgrpo.curves import CREDIT_LABELS, HeldOutCurve, plot_curves
-from tpgrpo.evaluation import mean_and_stderr
+from tpgrpo.evaluation import EvalResults, mean_and_stderr
 from tpgrpo.errors import UserInputError
-from tpgrpo.images import image_grid, save_image
+from tpgrpo.images import captioned_grid
 
 
-def _evaluate(cli) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:
+def _evaluate(cli, results: EvalResults) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:
     """Held-out scores (mean, stderr) and the per-image total rewards, in a fixed order."""
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
-    summary = cli.model.eval_summary
-    return {key: mean_and_stderr(values) for key, values in summary.items()}, summary["reward"]
+    result = results.latest("val")
+    return result.summary(), result.scores["reward"]
 
 
 def _showcase(model, prompts: list[str], seeds: torch.Tensor) -> torch.Tensor:
@@ -66,18 +66,21 @@ def run(argv: list[str]) -> dict:
     curve = HeldOutCurve()
     cli.trainer.callbacks.append(curve)
     started = time.perf_counter()
-    before, before_rewards = _evaluate(cli)
+    before, before_rewards = _evaluate(cli, curve)
     before_images = _showcase(cli.model, showcase_prompts, showcase_seeds)
     print(f"held-out before training: {_format(before)}", flush=True)
 
     cli.trainer.fit(cli.model, datamodule=datamodule)
 
-    after, after_rewards = _evaluate(cli)
+    after, after_rewards = _evaluate(cli, curve)
     after_images = _showcase(cli.model, showcase_prompts, showcase_seeds)
     print(f"held-out after training:  {_format(after)}", flush=True)
 
-    grid = image_grid(torch.cat([before_images, after_images]), columns=len(showcase_prompts))
-    save_image(grid, out / "before_after.png", scale=4)
+    grid = captioned_grid(
+        torch.cat([before_images, after_images]), len(showcase_prompts), showcase_prompts, scale=4,
+        row_labels=["before", "after"],
+    )
+    grid.save(out / "before_after.png")
     points = list({p["step"]: p for p in curve.points}.values())  # the final evaluation repeats the last one
     plot_curves({CREDIT_LABELS.get(cli.model.credit.method, cli.model.credit.method): points}, out / "reward_curve.png")
     mean_before, err_before = before["reward"]

@@ -21,29 +21,31 @@ from torch import Tensor
 
 from tpgrpo import credit as credit_rules
 from tpgrpo.lora import lora_parameters
+from tpgrpo.step import RolloutBatch, transition_pairs
 
 
-def policy_gradient(module: Any, collected: dict[str, Any], advantages: Tensor | None = None) -> list[Tensor]:
+def policy_gradient(module: Any, batch: RolloutBatch, advantages: Tensor | None = None) -> list[Tensor]:
     """Gradient of the first optimizer step's loss over all active images, one flat tensor per trained transition.
 
-    ``module`` is a `tpgrpo.module.TPGRPOModule`, ``collected`` what its ``collect`` returned;
-    ``advantages`` (N, W) replaces the collected ones (e.g. shuffled, for the noise floor). At
-    the first step the ratio is exactly 1, so this is the plain policy gradient of spec §4, with
-    the loss normalised as the update normalises it (mean over the batch's images). Each tensor
-    concatenates the gradients of `tpgrpo.lora.named_lora_parameters`, in that order. The LoRA
-    gradients are left cleared.
+    ``module`` is a `tpgrpo.module.TPGRPOModule`, ``batch`` what its ``collect`` returned;
+    ``advantages`` (N, W) replaces the batch's (e.g. shuffled, for the noise floor). At the first
+    step the ratio is exactly 1, so this is the plain policy gradient of spec §4, with the loss
+    normalised as the update normalises it (`GRPOStep.loss` over the batch's active images, a
+    mean over all its images). Each tensor concatenates the gradients of
+    `tpgrpo.lora.named_lora_parameters`, in that order. The LoRA gradients are left cleared.
     """
-    advantages = collected["advantages"] if advantages is None else advantages
-    result = collected["rollout"]
+    step = module.grpo
+    if advantages is not None:
+        batch = batch.with_advantages(advantages)
     params = lora_parameters(module.transformer)
-    rows = credit_rules.active_rows(advantages).nonzero().flatten()
+    rows = credit_rules.active_rows(batch.advantages).nonzero().flatten()
     gradients = []
-    for index in module.trained_transitions(result):
+    for index in step.trained_transitions(batch.rollout):
         for param in params:
             param.grad = None
         if rows.numel():
-            loss, _ = module.transition_loss(result, index, rows, advantages[rows, index], collected["cond"])
-            (loss * rows.numel() / advantages.shape[0]).backward()
+            loss, _ = step.loss(batch, *transition_pairs(rows, [index]))
+            (loss * rows.numel() / len(batch)).backward()
         gradients.append(torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float() for p in params
         ]))

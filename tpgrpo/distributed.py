@@ -15,7 +15,8 @@ have equal sizes on every rank (`tpgrpo.data.EvalSampler`).
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -109,3 +110,36 @@ def all_ranks_max(value: int | float, device: torch.device | str = "cpu") -> flo
 def all_ranks_sum(value: int | float, device: torch.device | str = "cpu") -> float:
     """The sum of ``value`` over ranks."""
     return _all_reduce(value, dist.ReduceOp.SUM, device)
+
+
+def _same(value):
+    return value
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """The cross-rank operations a GRPO step needs, passed to `tpgrpo.step.GRPOStep`.
+
+    The defaults are one process. ``gather_rows`` concatenates every rank's equally shaped tensor
+    along dim 0 in rank order; ``max`` and ``sum`` reduce a number over ranks.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    gather_rows: Callable[[Tensor], Tensor] = _same
+    max: Callable[[float], float] = _same
+    sum: Callable[[float], float] = _same
+
+    @classmethod
+    def from_process_group(cls, device: torch.device | str = "cpu") -> Collectives:
+        """``torch.distributed``'s default group (one process when it is not initialised);
+        the collectives run on ``device`` (the NCCL backend needs the GPU)."""
+        if world_size() == 1:
+            return cls()
+        return cls(
+            rank=dist.get_rank(),
+            world_size=world_size(),
+            gather_rows=lambda tensor: gather_rows(tensor.to(device)).to(tensor.device),
+            max=lambda value: all_ranks_max(value, device),
+            sum=lambda value: all_ranks_sum(value, device),
+        )

@@ -1,9 +1,27 @@
-"""Summaries of held-out scores: the one place that computes means and standard errors."""
+"""Evaluation apart from the module: deterministic samples, per-image results and their summaries.
+
+`sample` draws the ODE samples that validation, test and predict score; `summarise_over_ranks`
+computes what needs every rank's images (the reward's standard error, GenEval's overall score);
+`mean_and_stderr` is the one place that computes a mean with its standard error; `EvalResults`
+is the callback that hands each evaluation's per-image scores to whoever asks (the demo, the
+held-out curve, notebooks) as an explicit `EvalResult`.
+"""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch import Callback
+from torch import Tensor
+
+from tpgrpo.rollout import ode_sample
+
+if TYPE_CHECKING:
+    from tpgrpo.distributed import Collectives
+    from tpgrpo.step import GRPOStep
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
@@ -17,3 +35,128 @@ def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     if values.numel() < 2:
         return float(values.mean()) if values.numel() else math.nan, math.nan
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
+
+
+@torch.no_grad()
+def sample(step: GRPOStep, prompts: Sequence[str], seeds: Tensor, num_steps: int, guidance_scale: float) -> Tensor:
+    """Deterministic ODE samples (N, 3, H, W) in [0, 1] of the current policy, one per prompt and seed.
+
+    Image ``i`` starts from the noise of seed ``seeds[i]`` alone, so it does not depend on the
+    batch it is drawn in.
+    """
+    flow, resolution = step.flow, step.sampling.resolution
+    noise = torch.stack(
+        [flow.initial_noise(1, resolution, torch.Generator().manual_seed(int(seed)))[0] for seed in seeds]
+    ).to(step.device)
+    velocity_fn = step.velocity_fn(step.encode(prompts), guidance_scale)
+    sigmas = flow.sigmas(num_steps, resolution)
+    return flow.decode(ode_sample(velocity_fn, noise, sigmas, step.sampling.rollout_max_batch))
+
+
+@dataclass
+class EvalSummary:
+    """What one evaluation gives over all ranks' images; None where it does not apply."""
+
+    reward_stderr: float | None = None
+    geneval_overall: float | None = None
+
+
+def summarise_over_ranks(batches: Sequence[dict[str, Tensor]], comm: Collectives) -> EvalSummary:
+    """The standard error of the mean reward over all ranks' images, and GenEval's overall score
+    (the mean over its six tags of the correct rate) when the reward reports per-tag results.
+
+    ``batches``: this rank's per-image scores of each evaluation batch (each (M,), NaN where a
+    check does not apply). Every rank must call this (it gathers).
+    """
+    from tpgrpo.rewards.geneval import TAGS, geneval_overall
+
+    local = torch.cat([b["reward"] for b in batches if "reward" in b]).float() if batches else torch.zeros(0)
+    # ranks may hold different numbers of images: gather them padded with NaN to the largest count
+    length = int(comm.max(local.numel()))
+    if not length:
+        return EvalSummary()
+    padded = torch.full((length,), math.nan)
+    padded[: local.numel()] = local
+    rewards = comm.gather_rows(padded)
+    _, stderr = mean_and_stderr(rewards)
+    summary = EvalSummary(reward_stderr=0.0 if math.isnan(stderr) else stderr)
+    keys = [f"geneval/{tag}" for tag in TAGS]
+    if batches and all(key in batches[0] for key in keys):
+        means = {}
+        for key in keys:
+            values = torch.cat([b[key] for b in batches]).float()
+            applicable = values[~values.isnan()]
+            total, count = comm.sum(float(applicable.sum())), comm.sum(float(applicable.numel()))
+            means[key] = total / count if count else math.nan
+        overall = geneval_overall(means)
+        summary.geneval_overall = None if math.isnan(overall) else overall
+    return summary
+
+
+@dataclass
+class EvalResult:
+    """One evaluation's per-image scores on this rank, in the data module's order.
+
+    ``scores`` maps each score the reward reports to (M,) float32 (NaN where a check does not
+    apply to a prompt); ``prompts`` holds the M prompts; ``step`` the optimizer step it ran at.
+    """
+
+    stage: str
+    step: int
+    prompts: list[str] = field(default_factory=list)
+    scores: dict[str, Tensor] = field(default_factory=dict)
+
+    def add(self, prompts: Sequence[str], scores: dict[str, Tensor]) -> None:
+        self.prompts.extend(prompts)
+        for key, value in scores.items():
+            self.scores[key] = torch.cat([self.scores[key], value]) if key in self.scores else value
+
+    def summary(self) -> dict[str, tuple[float, float]]:
+        """Mean and standard error of every score (over this rank's images)."""
+        return {key: mean_and_stderr(values) for key, values in self.scores.items()}
+
+
+class EvalResults(Callback):
+    """Collects what each validation and test run scored, as `EvalResult` objects.
+
+    ``results`` lists them in order; ``latest(stage)`` is the last of a stage ("val" or "test").
+    Sanity-check runs are left out.
+    """
+
+    def __init__(self):
+        self.results: list[EvalResult] = []
+        self._current: EvalResult | None = None
+
+    def latest(self, stage: str = "val") -> EvalResult:
+        for result in reversed(self.results):
+            if result.stage == stage:
+                return result
+        raise LookupError(f"no {stage} evaluation has run yet")
+
+    def _start(self, trainer: Any, stage: str) -> None:
+        self._current = None if trainer.sanity_checking else EvalResult(stage, trainer.global_step)
+
+    def _add(self, outputs: Any) -> None:
+        if self._current is not None and outputs:
+            self._current.add(outputs["prompts"], outputs["scores"])
+
+    def _finish(self) -> None:
+        if self._current is not None:
+            self.results.append(self._current)
+            self._current = None
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._start(trainer, "val")
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._start(trainer, "test")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._add(outputs)
+
+    on_test_batch_end = on_validation_batch_end
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._finish()
+
+    on_test_epoch_end = on_validation_epoch_end

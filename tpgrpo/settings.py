@@ -139,7 +139,10 @@ class UpdateConfig:
         clip_range: PPO ratio clip ``ε``.
         kl_beta: weight ``β`` of the KL to the reference (the base model, adapter disabled).
         optimizer_steps_per_batch: optimizer steps over one rollout batch (its samples split evenly).
-        train_micro_batch: samples per forward/backward during the update (None: a whole part).
+        train_micro_batch: images per micro-batch of the update (None: a whole part).
+        max_latents_per_call: most (image, transition) pairs per transformer call of the update;
+            a micro-batch's pairs are split into calls of at most this many, each with its own
+            backward pass (None: all of a micro-batch's pairs, every trained transition, in one call).
         max_grad_norm: gradient-norm clip.
         gradient_checkpointing: recompute transformer blocks in the backward pass to save memory.
         max_bad_steps: consecutive steps with NaN/inf rewards, losses or gradients tolerated
@@ -150,6 +153,7 @@ class UpdateConfig:
     kl_beta: float = 1e-4
     optimizer_steps_per_batch: int = 2
     train_micro_batch: Union[int, None] = None
+    max_latents_per_call: Union[int, None] = None
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     max_bad_steps: int = 5
@@ -164,6 +168,10 @@ class UpdateConfig:
         _check(
             self.train_micro_batch is None or self.train_micro_batch >= 1,
             f"update.train_micro_batch must be >= 1 or null, got {self.train_micro_batch}",
+        )
+        _check(
+            self.max_latents_per_call is None or self.max_latents_per_call >= 1,
+            f"update.max_latents_per_call must be >= 1 or null, got {self.max_latents_per_call}",
         )
         _check(self.max_grad_norm > 0, f"update.max_grad_norm must be > 0, got {self.max_grad_norm}")
         _check(self.max_bad_steps >= 0, f"update.max_bad_steps must be >= 0, got {self.max_bad_steps}")
@@ -227,18 +235,16 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Validation, test and predict sampling (deterministic ODE), and image logging.
+    """Validation, test and predict sampling (deterministic ODE).
 
     Args:
         num_steps: ODE steps for validation / test / predict.
         guidance_scale: guidance for validation / test / predict.
-        log_images_every_n_steps: how often the rollout image grid goes to TensorBoard (0: never).
         predict_dir: where ``predict`` writes its images.
     """
 
     num_steps: int = 10
     guidance_scale: float = 4.5
-    log_images_every_n_steps: int = 50
     predict_dir: str = "outputs/predict"
 
     def __post_init__(self) -> None:
@@ -246,10 +252,6 @@ class EvaluationConfig:
         _check(
             _finite(self.guidance_scale) and self.guidance_scale >= 0,
             f"evaluation.guidance_scale must be >= 0 (1 disables guidance), got {self.guidance_scale}",
-        )
-        _check(
-            self.log_images_every_n_steps >= 0,
-            f"evaluation.log_images_every_n_steps must be >= 0 (0: never), got {self.log_images_every_n_steps}",
         )
 
 

@@ -247,3 +247,18 @@ def judge(record: Mapping, objects: Mapping, position_threshold: float = POSITIO
         score=_score(record, objects, strict_ok),
         reasons=[f"correct: {r}" for r in loose] + [f"strict: {r}" for r in exact],
     )
+
+
+def geneval_overall(tag_means: Mapping[str, float]) -> float:
+    """GenEval's overall score: the mean over its six tags of the fraction of correct images.
+
+    ``tag_means`` maps a tag (or the reward's column ``"geneval/<tag>"``) to that tag's correct
+    rate; other keys are ignored. As GenEval's ``summary_scores.py``, the mean is over the tags
+    evaluated: a tag that is absent or NaN is left out; NaN when none is there.
+    """
+    rates = []
+    for tag in TAGS:
+        value = tag_means.get(tag, tag_means.get(f"geneval/{tag}", math.nan))
+        if value is not None and math.isfinite(float(value)):
+            rates.append(float(value))
+    return float(np.mean(rates)) if rates else math.nan

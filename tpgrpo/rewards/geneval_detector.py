@@ -16,7 +16,7 @@ Per image, as GenEval's ``evaluate_images.py``:
 
 The reward returns ``geneval`` (judge's dense score), ``geneval/strict``, ``geneval/correct``
 and ``geneval/<tag>`` for each of GenEval's six tags (``correct`` for records of that tag, NaN
-for the others). `geneval_overall` turns per-tag means into GenEval's summary number.
+for the others). `tpgrpo.rewards.geneval.geneval_overall` turns per-tag means into GenEval's summary number.
 """
 from __future__ import annotations
 
@@ -118,21 +118,6 @@ def validate_geneval_record(record: object) -> Mapping:
             if clause.get("color") is not None and clause["color"] not in COLORS:
                 raise ValueError(f"{kind}[{i}] has colour {clause['color']!r}; known: {', '.join(COLORS)}")
     return record
-
-
-def geneval_overall(tag_means: Mapping[str, float]) -> float:
-    """GenEval's overall score: the mean over its six tags of the fraction of correct images.
-
-    ``tag_means`` maps a tag (or the reward's column ``"geneval/<tag>"``) to that tag's correct
-    rate; other keys are ignored. As GenEval's ``summary_scores.py``, the mean is over the tags
-    evaluated: a tag that is absent or NaN is left out; NaN when none is there.
-    """
-    rates = []
-    for tag in TAGS:
-        value = tag_means.get(tag, tag_means.get(f"geneval/{tag}", math.nan))
-        if value is not None and math.isfinite(float(value)):
-            rates.append(float(value))
-    return float(np.mean(rates)) if rates else math.nan
 
 
 @dataclass(frozen=True)
