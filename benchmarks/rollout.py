@@ -44,7 +44,9 @@ import torch
 import transformers
 from torch import Tensor
 
-from tpgrpo.pipelines import FlowModel
+from tpgrpo.pipelines import FlowModel, PromptEmbeds, SD3Model
+from tpgrpo.settings import CreditConfig, SamplingConfig, UpdateConfig
+from tpgrpo.step import GRPOStep
 from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.json"
@@ -185,36 +187,6 @@ def compare_schedules(
 # ---------------------------------------------------------------- models
 
 
-def guided_velocity(
-    transformer: torch.nn.Module,
-    cond: Tensor,
-    pooled: Tensor,
-    uncond: Tensor,
-    uncond_pooled: Tensor,
-    guidance_scale: float,
-) -> VelocityFn:
-    """velocity_fn of an SD3 transformer with CFG: both passes of a latent in one forward.
-
-    ``cond`` (B, L, D) and ``pooled`` (B, P) are the per-image text conditioning, ``uncond``
-    (L, D) and ``uncond_pooled`` (P,) the negative prompt's. ``rows`` picks each latent's image.
-    """
-    dtype = next(transformer.parameters()).dtype
-
-    def velocity_fn(latents: Tensor, sigma: float, rows: Tensor) -> Tensor:
-        n = latents.shape[0]
-        output = transformer(
-            hidden_states=torch.cat([latents, latents]).to(dtype),
-            encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1), cond[rows]]).to(dtype),
-            pooled_projections=torch.cat([uncond_pooled.expand(n, -1), pooled[rows]]).to(dtype),
-            timestep=torch.full((2 * n,), sigma * 1000.0, device=latents.device),  # float32, as diffusers
-            return_dict=False,
-        )[0].float()
-        unconditional, conditional = output.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
-
-    return velocity_fn
-
-
 def load_tiny(device: torch.device) -> tuple[FlowModel, str]:
     """The shipped tiny model, or the same builder's random weights when it is absent."""
     from tpgrpo.tiny import DEFAULT_MODEL_DIR, MAX_SEQUENCE_LENGTH, build_pipeline, load_pipeline
@@ -226,14 +198,26 @@ def load_tiny(device: torch.device) -> tuple[FlowModel, str]:
     return FlowModel.from_pipeline(pipe.to(device), max_sequence_length=MAX_SEQUENCE_LENGTH), weights
 
 
+def training_velocity(flow: FlowModel, cond: PromptEmbeds, guidance_scale: float, uncond: PromptEmbeds | None = None) -> VelocityFn:
+    """The velocity function training rolls out with (`tpgrpo.step.GRPOStep.velocity_fn`, CFG inside)."""
+    step = GRPOStep(flow, flow.transformer, reward=None, sampling=SamplingConfig(), credit=CreditConfig(), update=UpdateConfig())
+    return step.velocity_fn(cond, guidance_scale, uncond)
+
+
 def flow_velocity(flow: FlowModel, prompts: Sequence[str], guidance_scale: float) -> VelocityFn:
-    """velocity_fn of a `FlowModel` for ``prompts`` (one per image) with CFG, as the LightningModule builds it."""
-    cond, uncond = flow.encode(list(prompts)), flow.negative(len(prompts))
+    """`training_velocity` of ``prompts`` (one per image), the empty prompt as the unconditional one."""
+    return training_velocity(flow, flow.encode(list(prompts)), guidance_scale)
 
-    def velocity_fn(latents: Tensor, sigma: float, rows: Tensor) -> Tensor:
-        return flow.velocity(latents, sigma, cond.index(rows), guidance_scale, uncond.index(rows))
 
-    return velocity_fn
+def velocity_only_sd3(transformer: torch.nn.Module, shift: float) -> FlowModel:
+    """An `SD3Model` around a bare transformer (no VAE or text encoders: the conditioning is given)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), **dict.fromkeys(parts)
+    )
+    return SD3Model(pipe)
 
 
 def native_resolution(flow: FlowModel) -> int:
@@ -273,11 +257,15 @@ def sd3_case(args: argparse.Namespace, device: torch.device) -> dict:
     generator = torch.Generator(device).manual_seed(args.seed)
     group, side = args.sd3_group, args.sd3_resolution // SD35_VAE_FACTOR
     text = dict(device=device, generator=generator)
-    cond = torch.randn(group, SD35_TEXT_TOKENS, config["joint_attention_dim"], **text)
-    pooled = torch.randn(group, config["pooled_projection_dim"], **text)
-    uncond = torch.randn(SD35_TEXT_TOKENS, config["joint_attention_dim"], **text)
-    uncond_pooled = torch.randn(config["pooled_projection_dim"], **text)
-    velocity_fn = guided_velocity(transformer, cond, pooled, uncond, uncond_pooled, args.cfg)
+    cond = PromptEmbeds(
+        torch.randn(group, SD35_TEXT_TOKENS, config["joint_attention_dim"], **text),
+        torch.randn(group, config["pooled_projection_dim"], **text),
+    )
+    uncond = PromptEmbeds(
+        torch.randn(1, SD35_TEXT_TOKENS, config["joint_attention_dim"], **text),
+        torch.randn(1, config["pooled_projection_dim"], **text),
+    ).index(torch.zeros(group, dtype=torch.long))
+    velocity_fn = training_velocity(velocity_only_sd3(transformer, SD3_SHIFT), cond, args.cfg, uncond)
     latents = torch.randn(group, config["in_channels"], side, side, **text)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT)
     scheduler.set_timesteps(args.steps)

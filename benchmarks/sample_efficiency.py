@@ -41,6 +41,7 @@ def run_one(config: str, method: str, seed: int, steps: int, eval_every: int, ex
             "--trainer.enable_checkpointing=false",
             "--trainer.logger=false",
             "--trainer.callbacks=[]",
+            "--export=null",  # the curves are what this measures; no LoRA files
             *extra,
         ],
         run=False,

@@ -27,6 +27,8 @@ def fit(tmp_path: Path, name: str, devices: int, strategy: str, *extra: str) -> 
         "--model.optimizer.eps=1e-4",  # near-zero gradients: Adam's default eps turns float noise into full-size steps
         "--data.val_prompts=null", "--data.group_size=4", f"--data.prompts_per_step={4 // devices}",
         "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+        # the base EMA (tiny.yaml turns it off), updated every step so that the exported LoRA is its blend
+        "--ema={class_path: tpgrpo.ema.LoRAEMA, init_args: {decay: 0.5, every: 1}}",
         f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out / 'logs'}",
         f"--trainer.callbacks+={{class_path: tests.helpers.record.RecordSteps, init_args: {{directory: {out / 'steps'}}}}}",
@@ -53,6 +55,12 @@ def lora(run: Path) -> dict[str, torch.Tensor]:
 def checkpoint_lora(run: Path) -> dict[str, torch.Tensor]:
     path = run / "logs" / "tpgrpo" / "version_0" / "checkpoints" / "last.ckpt"
     return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+
+
+def checkpoint_ema(run: Path) -> dict[str, torch.Tensor]:
+    path = run / "logs" / "tpgrpo" / "version_0" / "checkpoints" / "last.ckpt"
+    callbacks = torch.load(path, weights_only=True, map_location="cpu")["callbacks"]
+    return next(state for name, state in callbacks.items() if name.startswith("LoRAEMA"))["shadow"]
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +103,20 @@ def test_checkpoints_cross_between_one_and_two_processes(tmp_path, one_process):
         expected, got = lora(source), lora(resumed)
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), f"{strategy} did not restore {ckpt}"
-    # the fsdp2 checkpoint is one file with the LoRA only (no frozen base weights)
+    # the fsdp2 checkpoint is one file with the LoRA only (no frozen base weights), and its EMA as
+    # whole tensors: the same as the one-process run's
     state = checkpoint_lora(sharded)
     assert state and all("lora_" in key for key in state)
+    ema = {name: checkpoint_ema(run) for name, run in (("one", one_process), ("fsdp2", sharded))}
+    assert ema["one"].keys() == ema["fsdp2"].keys() and len(ema["one"]) == len(state)
+    for key, value in ema["one"].items():
+        assert type(ema["fsdp2"][key]) is torch.Tensor and ema["fsdp2"][key].shape == value.shape
+        torch.testing.assert_close(ema["fsdp2"][key], value, rtol=0, atol=1e-5)
 
 
-def test_fsdp2_with_bf16_mixed_precision_trains(tmp_path):
-    run = fit(tmp_path, "bf16", 2, "fsdp2", "--trainer.precision=bf16-mixed")
+def test_fsdp2_with_bf16_weights_and_mixed_precision_trains(tmp_path):
+    """configs/sd3.yaml's combination: frozen parts in bfloat16, bf16-mixed compute, float32 LoRA."""
+    run = fit(tmp_path, "bf16", 2, "fsdp2", "--trainer.precision=bf16-mixed", "--model.weights_dtype=bfloat16")
     outputs = steps(run, 2)
     assert torch.isfinite(outputs["step_losses"]).all()
     weights = lora(run)

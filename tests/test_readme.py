@@ -190,7 +190,8 @@ def check_benchmark(command: str, work: Path) -> None:
     argv = python_argv(command, {})
     script, cli = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     if "rollout.py" in argv[1]:
-        run([*script, "--cases=tiny", "--repeats=1", "--group=2", f"--out={work / 'rollout.json'}"])
+        run([*script, "--cases=tiny,sd3", "--repeats=1", "--group=2", "--sd3-layers=1", "--sd3-resolution=32",
+             "--sd3-group=1", f"--out={work / 'rollout.json'}"])
     elif "gradient_snr.py" in argv[1]:
         run([*script, "--prompts=2", "--batches=2", f"--out={work / 'snr.json'}", "--", *cli, "--data.group_size=2"])
         assert (work / "snr.json").is_file()
@@ -206,7 +207,7 @@ def check_for(command: str):
     """The check of one documented command (None: no check, which fails the test below)."""
     if command == "make demo":
         return check_demo
-    if command.startswith(("srun ", "sbatch ")) or "geneval_server" in command:
+    if command.startswith(("srun ", "sbatch ")) or command.startswith("python -m tpgrpo.rewards.geneval_server"):
         return check_help
     if command.startswith("python train.py "):
         return check_print_config if needs_real_weights(command) else check_fit

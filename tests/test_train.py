@@ -1,5 +1,6 @@
 """The training system end to end on a tiny random SD3 pipeline, through the real CLI."""
 import copy
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ from tpgrpo.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, epoch_de
 from tpgrpo.cli import QUIET_WARNINGS, build_cli, main
 from tpgrpo.ema import LoRAEMA
 from tpgrpo.evaluation import EvalResults
-from tpgrpo.lora import disabled_adapter
+from tpgrpo.lora import disabled_adapter, lora_parameters
 from tpgrpo.pipelines import FlowModel
 from tpgrpo.step import transition_pairs
 from tpgrpo.tiny.components import load_pipeline
@@ -125,6 +126,25 @@ def test_first_ratio_is_one(tmp_path, tiny_model_dir, prompt_file):
     for index in model.grpo.trained_transitions(collected.rollout):
         _, metrics = model.grpo.loss(collected, *transition_pairs(rows, [index]))
         assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-4
+        assert float(metrics["clip_frac"]) == 0.0
+
+
+@pytest.mark.parametrize("limit", [None, 4])
+def test_bf16_weights_keep_the_first_ratio_at_one(tmp_path, tiny_model_dir, prompt_file, limit):
+    """Frozen parts in bfloat16, LoRA and log-probs in float32: the update recomputes the rollout's
+    transitions with ratio 1 to within the paper's clip range (1e-5), in one call per micro-batch
+    or in calls of a few latents."""
+    extra = ["--model.weights_dtype=bfloat16", "--model.update.clip_range=1e-5"]
+    model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file, *extra)
+    assert model.flow.dtype == torch.bfloat16 and model.flow.vae.dtype == torch.bfloat16
+    assert all(encoder.dtype == torch.bfloat16 for encoder in model.flow.text_encoders)
+    assert {p.dtype for p in lora_parameters(model.transformer)} == {torch.float32}
+    assert collected.rollout.log_probs.dtype == torch.float32
+    rows = torch.arange(len(collected))
+    model.grpo.update = dataclasses.replace(model.grpo.update, max_latents_per_call=limit)
+    for call in model.grpo.loss_calls(rows, model.grpo.trained_transitions(collected.rollout)):
+        _, metrics = model.grpo.loss(collected, *call)
+        assert float(metrics["ratio_max"]) - 1 <= 1e-5 and 1 - float(metrics["ratio_min"]) <= 1e-5
         assert float(metrics["clip_frac"]) == 0.0
 
 

@@ -6,14 +6,28 @@ from contextlib import contextmanager
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from tpgrpo.lora import trainable_parameters
+from tpgrpo.lora import full_tensor, trainable_parameters
+
+
+def _laid_out_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor or a DTensor) in float32 on ``param``'s device, sharded as
+    ``param`` is when it is an FSDP2 DTensor, so the two combine elementwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        if isinstance(value, DTensor) and value.placements == param.placements:
+            return value.to(torch.float32)
+        return distribute_tensor(full_tensor(value).to(param.device, torch.float32), param.device_mesh, param.placements)
+    return full_tensor(value).to(param.device, torch.float32)
 
 
 class LoRAEMA(Callback):
     """Keeps ``ema = decay·ema + (1 - decay)·param`` of every trainable parameter.
 
     Updated every ``every`` optimizer steps (spec §4: decay 0.9 every 8 steps). Validation,
-    test and predict run with the EMA weights swapped in; the EMA is saved in checkpoints.
+    test and predict run with the EMA weights swapped in; the EMA is saved in checkpoints as whole
+    tensors, so a checkpoint moves between one process and FSDP2-sharded ranks (each shard of
+    the EMA lives beside its shard of the weights).
     """
 
     def __init__(self, decay: float = 0.9, every: int = 8):
@@ -39,7 +53,7 @@ class LoRAEMA(Callback):
         if not self.shadow:
             self.shadow = {name: p.detach().clone().float() for name, p in params.items()}
         else:
-            self.shadow = {name: self.shadow[name].to(p.device) for name, p in params.items()}
+            self.shadow = {name: _laid_out_like(self.shadow[name], p) for name, p in params.items()}
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
         self._step_before_batch = trainer.global_step
@@ -72,7 +86,7 @@ class LoRAEMA(Callback):
         backup = {name: p.detach().clone() for name, p in params.items()}
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(self.shadow[name].to(device=p.device, dtype=p.dtype))
+                p.copy_(_laid_out_like(self.shadow[name], p).to(p.dtype))
         try:
             yield
         finally:
@@ -99,7 +113,8 @@ class LoRAEMA(Callback):
     on_predict_end = on_validation_end
 
     def state_dict(self) -> dict:
-        return {"shadow": {name: s.cpu() for name, s in self.shadow.items()}, "last_step": self._last_step}
+        """Whole tensors on the CPU (gathered from the ranks' shards under FSDP2; every rank calls this)."""
+        return {"shadow": {name: full_tensor(s).cpu() for name, s in self.shadow.items()}, "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict.get("shadow"), dict):

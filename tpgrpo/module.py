@@ -19,12 +19,14 @@ from torch import Tensor
 
 from tpgrpo import credit as credit_rules
 from tpgrpo import evaluation
+from tpgrpo.acceleration import compile_blocks, set_attention_backend
 from tpgrpo.distributed import is_sharded, shard_transformer
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import save_image
 from tpgrpo.lora import add_lora, full_tensor, lora_parameters, trainable_parameters
 from tpgrpo.pipelines import FlowModel, load_flow_model
 from tpgrpo.settings import (
+    ComputeConfig,
     CreditConfig,
     EvaluationConfig,
     LoRAConfig,
@@ -35,6 +37,7 @@ from tpgrpo.settings import (
     as_group,
     build_rewards,
     group_dicts,
+    parse_dtype,
     parse_rewards,
 )
 from tpgrpo.step import GRPOStep, RolloutBatch
@@ -67,8 +70,14 @@ class TPGRPOModule(LightningModule):
         update: the clipped GRPO update (`tpgrpo.settings.UpdateConfig`).
         optimizer: AdamW and warm-up (`tpgrpo.settings.OptimizerConfig`).
         lora: the adapter (`tpgrpo.settings.LoRAConfig`).
-        evaluation: validation / test / predict and image logging (`tpgrpo.settings.EvaluationConfig`).
+        evaluation: validation / test / predict sampling (`tpgrpo.settings.EvaluationConfig`).
+        compute: compiler and attention kernels (`tpgrpo.settings.ComputeConfig`).
         max_sequence_length: text tokens of the T5 encoder (SD3 / FLUX).
+        weights_dtype: dtype of the frozen transformer, VAE and text encoders: "bfloat16",
+            "float16" or "float32". The LoRA weights, optimizer state, SDE maths and log-probs stay
+            float32 whatever it is.
+        offload_text_encoders: keep the text encoders on the CPU, on the accelerator only while
+            they encode.
         seed: base seed of rollout noise and window draws (per rank and step).
     """
 
@@ -83,7 +92,10 @@ class TPGRPOModule(LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         lora: LoRAConfig = LoRAConfig(),
         evaluation: EvaluationConfig = EvaluationConfig(),
+        compute: ComputeConfig = ComputeConfig(),
         max_sequence_length: int = 256,
+        weights_dtype: str = "float32",
+        offload_text_encoders: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -93,8 +105,10 @@ class TPGRPOModule(LightningModule):
         self.optimizer_config = as_group(OptimizerConfig, optimizer)
         self.lora = as_group(LoRAConfig, lora)
         self.evaluation = as_group(EvaluationConfig, evaluation)
+        self.compute = as_group(ComputeConfig, compute)
         self.reward_specs = parse_rewards(rewards)
         _check(max_sequence_length >= 1, f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        dtype = parse_dtype(weights_dtype)
         self.save_hyperparameters(
             {
                 "pretrained_path": pretrained_path,
@@ -102,9 +116,11 @@ class TPGRPOModule(LightningModule):
                 "rewards": {spec.name: {"weight": spec.weight, **spec.options} for spec in self.reward_specs},
                 **group_dicts(
                     sampling=self.sampling, credit=self.credit, update=self.update_config,
-                    optimizer=self.optimizer_config, lora=self.lora, evaluation=self.evaluation,
+                    optimizer=self.optimizer_config, lora=self.lora, evaluation=self.evaluation, compute=self.compute,
                 ),
                 "max_sequence_length": max_sequence_length,
+                "weights_dtype": weights_dtype,
+                "offload_text_encoders": offload_text_encoders,
                 "seed": seed,
             }
         )
@@ -116,7 +132,9 @@ class TPGRPOModule(LightningModule):
         self.flow: FlowModel = load_flow_model(
             pretrained_path,
             family=family,
+            dtype=dtype,
             max_sequence_length=max_sequence_length,
+            offload_text_encoders=offload_text_encoders,
             decode_batch_size=self.sampling.decode_batch_size,
         )
         self.transformer = self.flow.transformer
@@ -126,23 +144,28 @@ class TPGRPOModule(LightningModule):
         )
         if self.update_config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        set_attention_backend(self.transformer, self.compute.attention_backend)
+        self._compiled = False
         self.reward = build_rewards(rewards)
         self.grpo = GRPOStep(
             self.flow, self.transformer, self.reward, self.sampling, self.credit, self.update_config, seed=seed
         )
 
     def configure_model(self) -> None:
-        """Under ``strategy: fsdp2``: shard each transformer block over the ranks (bf16 compute with bf16 precision)."""
+        """Under ``strategy: fsdp2``: shard each transformer block over the ranks (bf16 compute with bf16
+        precision); then, with ``compute.compile``, compile each block."""
         if type(self.trainer.strategy).__name__ == "FSDPStrategy":
             rank_zero_warn(
                 "strategy fsdp (FSDP1) has not been checked with this module (it needs GPUs, and several backward "
                 "passes per step meet FSDP1's resharding); strategy fsdp2 is the tested way to shard"
             )
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy only
-        if mesh is None or is_sharded(self.transformer):
-            return
-        param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
-        shard_transformer(self.transformer, mesh["data_parallel"], param_dtype)
+        if mesh is not None and not is_sharded(self.transformer):
+            param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
+            shard_transformer(self.transformer, mesh["data_parallel"], param_dtype)
+        if self.compute.compile and not self._compiled:  # after sharding: compiled code sees the final modules
+            compile_blocks(self.transformer, self.compute.compile_mode)
+            self._compiled = True
 
     # --------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):

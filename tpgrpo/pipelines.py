@@ -116,6 +116,7 @@ class FlowModel(nn.Module):
             raise UserInputError(f"max_sequence_length must be >= 1 (None: the default), got {max_sequence_length}")
         self.pipe = pipe
         self.transformer = pipe.transformer
+        self._dtype = pipe.transformer.dtype  # of the base weights (a LoRA added later is float32)
         self.vae = pipe.vae
         self.text_encoders = nn.ModuleList(
             [getattr(pipe, name) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -148,7 +149,7 @@ class FlowModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the transformer's base weights (inputs are cast to it)."""
-        return self.transformer.dtype
+        return self._dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -158,7 +159,8 @@ class FlowModel(nn.Module):
     def train(self, mode: bool = True) -> FlowModel:
         """Train/eval mode of the transformer only; the VAE and text encoders stay in eval mode."""
         super().train(mode)
-        self.vae.eval()
+        if self.vae is not None:  # a velocity-only pipeline (the benchmarks' SD3.5-shaped transformer) has none
+            self.vae.eval()
         self.text_encoders.eval()
         return self
 

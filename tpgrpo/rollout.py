@@ -32,10 +32,9 @@ implementations consume the same random numbers in the same order.
 Approximation, off by default: ``branch_steps = m`` completes the baseline (from ``x_s``) and
 the branches with ``m`` ODE steps on a coarser grid (`completion_grid`) instead of all remaining
 steps. The main trajectory, its states and log-probs are unchanged; the completion rewards, and
-with them the turning points, change. Measured on the embedded tiny model with the shapes reward
-(24 prompts x 8 images, T = 10, W = 9, ``benchmarks/rollout.py``), the approximate turning points
-overlapped the exact ones with a Jaccard index of only 0.07 / 0.13 / 0.18 / 0.34 for
-m = 1 / 2 / 3 / 5 (10 / 19 / 27 / 40 NFE per image against 55): use it knowingly.
+with them the turning points, change, and little of the exact turning points survives at small
+``m`` (``benchmarks/rollout.py`` measures the overlap; docs/benchmarks.md has the figures): use it
+knowingly.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar, Union
 
+import torch
+
 from tpgrpo.credit import CREDITS
 from tpgrpo.errors import UserInputError
 from tpgrpo.rewards.base import validate_reward_weights
@@ -255,6 +257,41 @@ class EvaluationConfig:
         )
 
 
+ATTENTION_BACKENDS_HELP = "native (torch SDPA), or a diffusers backend such as flash (needs flash-attn) or _native_flash"
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the transformer runs: compiler and attention kernels (`tpgrpo.acceleration`).
+
+    Args:
+        compile: ``torch.compile`` each transformer block (regional compilation: the first
+            calls of each shape compile; needs a C++ compiler on CPU, Triton on CUDA).
+        compile_mode: ``torch.compile``'s mode (None: its default).
+        attention_backend: diffusers' attention backend of the transformer's attention layers:
+            "native" (torch's scaled-dot-product attention, which picks flash / memory-efficient
+            kernels on GPUs by itself), "flash" (needs the flash-attn package), "_native_flash",
+            "_native_efficient", "_native_cudnn", "sage", "xformers", ... (`diffusers.attention_dispatch`).
+            Families whose attention processor does not dispatch through diffusers (SD3 in this
+            diffusers) accept only "native".
+    """
+
+    compile: bool = False
+    compile_mode: Union[str, None] = None
+    attention_backend: str = "native"
+
+    def __post_init__(self) -> None:
+        _check(self.compile_mode in COMPILE_MODES, f"compute.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        known = sorted(b.value for b in AttentionBackendName)
+        _check(
+            self.attention_backend in known,
+            f"compute.attention_backend must be {ATTENTION_BACKENDS_HELP}; got {self.attention_backend!r} (known: {', '.join(known)})",
+        )
+
+
 @dataclass(frozen=True)
 class RewardSpec:
     """One reward of the weighted total: its registered name, weight and keyword options."""
@@ -295,6 +332,7 @@ GROUPS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "lora": LoRAConfig,
     "evaluation": EvaluationConfig,
+    "compute": ComputeConfig,
 }
 G = TypeVar("G")
 
@@ -333,6 +371,22 @@ def check_model_settings(model: Mapping[str, Any] | Any) -> None:
     family = model.get("family", "auto")
     _check(family == "auto" or family in families, f"family must be auto or one of {families}, got {family!r}")
     _check(int(model.get("max_sequence_length", 1)) >= 1, "max_sequence_length must be >= 1")
+    parse_dtype(model.get("weights_dtype", "float32"))
+
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name ("bfloat16" / "bf16", "float16" / "fp16", "float32" / "fp32")."""
+    if isinstance(name, torch.dtype):
+        return name
+    _check(str(name) in DTYPES, f"weights_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[str(name)]
 
 
 def build_rewards(rewards: Mapping[str, Any] | None):

@@ -137,11 +137,15 @@ class GRPOStep:
         with self._prompt_length_check(prompts):
             return self.flow.encode(list(prompts))
 
-    def velocity_fn(self, cond: PromptEmbeds, guidance: float) -> VelocityFn:
-        """The rollout's ``velocity_fn(latents, sigma, rows)`` for the current policy (CFG inside)."""
+    def velocity_fn(self, cond: PromptEmbeds, guidance: float, uncond: PromptEmbeds | None = None) -> VelocityFn:
+        """The rollout's ``velocity_fn(latents, sigma, rows)`` for the current policy (CFG inside;
+        ``uncond``: the unconditional rows, default the empty prompt's)."""
 
         def velocity(latents: Tensor, sigma: float | Tensor, rows: Tensor) -> Tensor:
-            return self.flow.velocity(latents, sigma, cond.index(rows), guidance_scale=guidance, transformer=self.transformer)
+            negative = uncond.index(rows) if uncond is not None else None
+            return self.flow.velocity(
+                latents, sigma, cond.index(rows), guidance_scale=guidance, uncond=negative, transformer=self.transformer
+            )
 
         return velocity
 
