@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install install-ocr bench clean
+.PHONY: demo test test-fast test-all install install-ocr bench clean
 
 $(STAMP): setup.cfg
 	$(PY) -m venv $(VENV)
@@ -25,16 +25,25 @@ install-ocr: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m tpgrpo.demo --config configs/tiny.yaml
 
+# the whole suite, its test files spread over the CPU cores (a file stays on one worker, so its
+# module fixtures are built once); test-fast leaves out the end-to-end runs (subprocess fits,
+# multi-process training, notebooks, packaging) for the edit loop
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow and not e2e"
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(PYTEST) -m "slow or not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/sample_efficiency.py
 	$(BIN)/python benchmarks/gradient_snr.py
+	$(BIN)/python benchmarks/step.py
 
 clean:
 	rm -rf $(VENV) lightning_logs outputs

@@ -6,6 +6,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models gain little from threads; oversubscribed threads cost a lot
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core: their subprocesses get one thread too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,13 +70,22 @@ def one_process(tmp_path_factory):
     return fit(tmp_path_factory.mktemp("one"), "one", 1, "auto")
 
 
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """Two fsdp2 ranks with 2 prompts each; read by the equivalence and the checkpoint tests."""
+    return fit(tmp_path_factory.mktemp("fsdp2"), "fsdp2", 2, "fsdp2")
+
+
 @pytest.mark.parametrize(
     "strategy, options",
     [("ddp", ()), ("fsdp2", ()), ("fsdp2", ("--model.update.gradient_checkpointing=true",))],
     ids=["ddp", "fsdp2", "fsdp2-activation-checkpointing"],
 )
-def test_two_ranks_compute_what_one_process_computes(tmp_path, one_process, strategy, options):
-    run = fit(tmp_path, strategy, 2, strategy, *options)
+def test_two_ranks_compute_what_one_process_computes(tmp_path, request, one_process, strategy, options):
+    if (strategy, options) == ("fsdp2", ()):
+        run = request.getfixturevalue("fsdp2_run")
+    else:
+        run = fit(tmp_path, strategy, 2, strategy, *options)
     single, double = steps(one_process, 1), steps(run, 2)
     assert torch.equal(single["group_ids"], double["group_ids"])  # rank 0 holds groups 0-1, rank 1 groups 2-3
     assert len(set(double["group_ids"][:8].tolist()) & set(double["group_ids"][8:].tolist())) == 0
@@ -93,9 +104,9 @@ def test_two_ranks_compute_what_one_process_computes(tmp_path, one_process, stra
     assert differ < 1e-3 * moved, f"{strategy} LoRA differs from the one-process LoRA by {differ} (update {moved})"
 
 
-def test_checkpoints_cross_between_one_and_two_processes(tmp_path, one_process):
+def test_checkpoints_cross_between_one_and_two_processes(tmp_path, one_process, fsdp2_run):
     """A fsdp2 run resumes from the one-process checkpoint and the other way round, weights intact."""
-    sharded = fit(tmp_path, "fsdp2", 2, "fsdp2")
+    sharded = fsdp2_run
     # resuming at the checkpoint's own step trains nothing: the exported LoRA is the loaded one
     for source, devices, strategy in [(one_process, 2, "fsdp2"), (sharded, 1, "auto")]:
         ckpt = source / "logs" / "tpgrpo" / "version_0" / "checkpoints" / "last.ckpt"

@@ -33,7 +33,7 @@ from tpgrpo.rewards.geneval_detector import (
 from tpgrpo.rewards.geneval import geneval_overall
 from tpgrpo.rewards.geneval_http import GenEvalHttpReward, GenEvalServerError
 from tpgrpo.rewards.geneval_server import ScoringServer, build_scorer, main
-from tests.helpers.tiny_models import COCO_LABELS, DOG, save_tiny_detector, save_tiny_geneval_clip as save_tiny_clip
+from tests.helpers.tiny_models import COCO_LABELS, save_tiny_detector, save_tiny_geneval_clip as save_tiny_clip
 
 FIELDS = ["geneval", "geneval/strict", "geneval/correct"] + [f"geneval/{tag}" for tag in TAGS]
 

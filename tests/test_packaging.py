@@ -19,6 +19,8 @@ import tpgrpo
 from tpgrpo.cli import CONFIG_DIR, PACKAGE_DIR, REPO_DIR, TORCHVISION_FILTER, resolve_config_args, resolve_path
 from tpgrpo.rewards import REWARD_MODULES, REWARDS, RewardConfigError, build_reward, validate_reward_weights
 
+pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from tpgrpo.errors import UserInputError
 from tpgrpo.pipelines import FluxModel, FlowModel, ModelLoadError, PromptEmbeds, SD3Model, load_flow_model

@@ -7,6 +7,7 @@ without one fails `test_every_documented_command_has_a_check`.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "tpgrpo" / "tiny" / "MODEL_CARD.md",
-        *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md"))]
+        *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md", "memory.md"))]
 COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
 
 # Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.
@@ -192,12 +195,25 @@ def check_benchmark(command: str, work: Path) -> None:
     if "rollout.py" in argv[1]:
         run([*script, "--cases=tiny,sd3", "--repeats=1", "--group=2", "--sd3-layers=1", "--sd3-resolution=32",
              "--sd3-group=1", f"--out={work / 'rollout.json'}"])
+    elif "step.py" in argv[1]:
+        short = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+                 "--data.prompts_per_step=1", "--data.group_size=2", "--model.update.train_micro_batch=null"]
+        run([*script, "--sd3-layers=1", "--sd3-resolution=32", f"--out={work / 'step.json'}", "--", *cli, *short])
+        results = json.loads((work / "step.json").read_text())
+        for case in results["cases"].values():
+            assert set(case["tp"]["phases"]) == {"encode", "rollout", "decode", "reward", "credit", "update"}
+            assert case["tp"]["nfe_per_image"] > case["outcome"]["nfe_per_image"] > 0
     elif "gradient_snr.py" in argv[1]:
         run([*script, "--prompts=2", "--batches=2", f"--out={work / 'snr.json'}", "--", *cli, "--data.group_size=2"])
         assert (work / "snr.json").is_file()
     else:  # later options win: the command's own, shortened; its training overrides, then shorter ones
         shorter = ["--steps=2", "--seeds", "0", "--eval-every=1", f"--out={work / 'efficiency.json'}"]
         run([*script, *shorter, "--", *cli, *SHORT_FIT[1:]])
+
+
+def check_memory(command: str, work: Path) -> None:
+    printed = run(python_argv(command, {})).stdout
+    assert "| **total, text encoders on device** |" in printed and "| transformer (frozen) |" in printed
 
 
 SLOW = {"check_pretrain", "check_benchmark", "check_torchrun"}
@@ -220,6 +236,7 @@ def check_for(command: str):
         "python -m tpgrpo.tiny.evaluate": check_evaluate,
         "python -m tpgrpo.prompts ": check_prompts,
         "python benchmarks/": check_benchmark,
+        "python -m tpgrpo.memory": check_memory,
     }
     return next((check for prefix, check in by_prefix.items() if command.startswith(prefix)), None)
 

@@ -8,6 +8,8 @@ import pytest
 from tests.helpers.tiny_models import save_tiny_detector, save_tiny_geneval_clip, save_tiny_got_ocr2, tiny_flux_pipeline
 from tpgrpo.cli import build_cli
 
+pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them out
+
 GENEVAL_RECORDS = [
     {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
     {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}], "prompt": "a photo of a red cat"},

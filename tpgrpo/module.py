@@ -27,6 +27,7 @@ from tpgrpo.lora import add_lora, full_tensor, lora_parameters, trainable_parame
 from tpgrpo.pipelines import FlowModel, load_flow_model
 from tpgrpo.settings import (
     ComputeConfig,
+    PromptCacheConfig,
     CreditConfig,
     EvaluationConfig,
     LoRAConfig,
@@ -72,6 +73,7 @@ class TPGRPOModule(LightningModule):
         lora: the adapter (`tpgrpo.settings.LoRAConfig`).
         evaluation: validation / test / predict sampling (`tpgrpo.settings.EvaluationConfig`).
         compute: compiler and attention kernels (`tpgrpo.settings.ComputeConfig`).
+        prompt_cache: text embeddings encoded once per run (`tpgrpo.settings.PromptCacheConfig`).
         max_sequence_length: text tokens of the T5 encoder (SD3 / FLUX).
         weights_dtype: dtype of the frozen transformer, VAE and text encoders: "bfloat16",
             "float16" or "float32". The LoRA weights, optimizer state, SDE maths and log-probs stay
@@ -93,6 +95,7 @@ class TPGRPOModule(LightningModule):
         lora: LoRAConfig = LoRAConfig(),
         evaluation: EvaluationConfig = EvaluationConfig(),
         compute: ComputeConfig = ComputeConfig(),
+        prompt_cache: PromptCacheConfig = PromptCacheConfig(),
         max_sequence_length: int = 256,
         weights_dtype: str = "float32",
         offload_text_encoders: bool = False,
@@ -106,6 +109,7 @@ class TPGRPOModule(LightningModule):
         self.lora = as_group(LoRAConfig, lora)
         self.evaluation = as_group(EvaluationConfig, evaluation)
         self.compute = as_group(ComputeConfig, compute)
+        self.prompt_cache = as_group(PromptCacheConfig, prompt_cache)
         self.reward_specs = parse_rewards(rewards)
         _check(max_sequence_length >= 1, f"max_sequence_length must be >= 1, got {max_sequence_length}")
         dtype = parse_dtype(weights_dtype)
@@ -117,6 +121,7 @@ class TPGRPOModule(LightningModule):
                 **group_dicts(
                     sampling=self.sampling, credit=self.credit, update=self.update_config,
                     optimizer=self.optimizer_config, lora=self.lora, evaluation=self.evaluation, compute=self.compute,
+                    prompt_cache=self.prompt_cache,
                 ),
                 "max_sequence_length": max_sequence_length,
                 "weights_dtype": weights_dtype,
@@ -146,6 +151,7 @@ class TPGRPOModule(LightningModule):
             self.transformer.enable_gradient_checkpointing()
         set_attention_backend(self.transformer, self.compute.attention_backend)
         self._compiled = False
+        self.pretrained_path = pretrained_path
         self.reward = build_rewards(rewards)
         self.grpo = GRPOStep(
             self.flow, self.transformer, self.reward, self.sampling, self.credit, self.update_config, seed=seed
@@ -257,7 +263,8 @@ class TPGRPOModule(LightningModule):
     # ------------------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
         """Collect a rollout batch and take the clipped GRPO steps; returns, for callbacks, the
-        batch's rewards, step rewards, advantages, group ids, step losses and final images."""
+        batch's rewards, step rewards, advantages, group ids, step losses, final images, the
+        seconds of each phase and the NFE per image."""
         started = time.perf_counter()
         step_key = (self.current_epoch, batch_idx, self.global_step)
         collected = self.collect(batch, step_key)
@@ -266,8 +273,10 @@ class TPGRPOModule(LightningModule):
             for _ in range(self.update_config.optimizer_steps_per_batch):
                 self._optimizer_step()
             return None
+        update_started = time.perf_counter()
         update_metrics, step_losses = self._update(collected)
-        self._log_training(collected, update_metrics, time.perf_counter() - started)
+        timings = {**self.grpo.timings, "update": time.perf_counter() - update_started}
+        self._log_training(collected, update_metrics, time.perf_counter() - started, timings)
         return {
             "rewards": collected.rewards,
             "step_rewards": collected.step_rewards,
@@ -275,6 +284,8 @@ class TPGRPOModule(LightningModule):
             "group_ids": collected.group_ids,
             "step_losses": step_losses,
             "images": collected.images,
+            "timings": timings,
+            "nfe_per_image": collected.rollout.nfe_per_image,
         }
 
     def _skip_step(self, reason: str) -> None:
@@ -289,7 +300,9 @@ class TPGRPOModule(LightningModule):
                 "lower the learning rate, check the reward, or resume from the last checkpoint"
             )
 
-    def _log_training(self, collected: RolloutBatch, update: dict[str, float], elapsed: float) -> None:
+    def _log_training(
+        self, collected: RolloutBatch, update: dict[str, float], elapsed: float, timings: dict[str, float]
+    ) -> None:
         sequence, final = collected.rewards, collected.final_rewards
         metrics = {
             "train/reward_mean": final.mean(),
@@ -302,6 +315,7 @@ class TPGRPOModule(LightningModule):
             if key != "reward":
                 metrics[f"train/{key}"] = value[:, -1].float().nanmean()
         metrics.update({f"train/{k}": torch.tensor(v) for k, v in update.items()})
+        metrics.update({f"time/{phase}_seconds": torch.tensor(seconds) for phase, seconds in timings.items()})
         kept = collected.turning_points
         if kept is not None:
             raw = credit_rules.raw_turning_points(sequence)
@@ -353,6 +367,41 @@ class TPGRPOModule(LightningModule):
             self.log(f"{stage}/reward_stderr", summary.reward_stderr, sync_dist=False, rank_zero_only=True)
         if summary.geneval_overall is not None:
             self.log(f"{stage}/geneval/overall", summary.geneval_overall, sync_dist=False, rank_zero_only=True)
+
+    # ------------------------------------------------------------------------------ text embeddings
+    def _cache_embeddings(self) -> None:
+        """With ``prompt_cache.enabled``: encode the stage's prompt files once (each rank a share),
+        check the cache against the text encoders, read prompts from it from now on, and move the
+        text encoders off the accelerator (``release_text_encoders``)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self.prompt_cache.enabled or datamodule is None:
+            return
+        from tpgrpo.embedding_cache import EmbeddingCache, cache_key, distinct_prompts, model_fingerprint
+
+        prompts = distinct_prompts([s.prompts for s in datamodule.prompt_sets.values()])
+        key = cache_key(model_fingerprint(self.flow, self.pretrained_path), prompts)
+        current = self.flow.embedding_cache
+        if current is not None and current.key == key:
+            return
+        cache = EmbeddingCache(self.prompt_cache.folder, key, prompts)
+        cache.build(self.flow, self.grpo.comm(), self.prompt_cache.batch_size, barrier=self.trainer.strategy.barrier)
+        cache.open().check(self.flow, prompts[:2])
+        self.flow.embedding_cache = cache
+        if self.prompt_cache.release_text_encoders:
+            self.flow.release_text_encoders()
+
+    def on_fit_start(self) -> None:
+        self._cache_embeddings()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":  # in fit, on_fit_start covered the validation prompts
+            self._cache_embeddings()
+
+    def on_test_start(self) -> None:
+        self._cache_embeddings()
+
+    def on_predict_start(self) -> None:
+        self._cache_embeddings()
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval()

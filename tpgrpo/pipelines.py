@@ -128,6 +128,7 @@ class FlowModel(nn.Module):
         self.offload_text_encoders = offload_text_encoders
         self.decode_batch_size = decode_batch_size
         self._negative: PromptEmbeds | None = None
+        self.embedding_cache = None  # an EmbeddingCache once a run's prompts are encoded (model.prompt_cache)
         if offload_text_encoders:
             self.text_encoders.to("cpu")
 
@@ -168,15 +169,29 @@ class FlowModel(nn.Module):
     def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
         """Text conditioning of ``prompts`` (N strings) on the model's device.
 
-        Each distinct prompt is encoded once, so a batch of groups costs one pass per prompt.
+        Read from ``embedding_cache`` (`tpgrpo.embedding_cache.EmbeddingCache`) when it holds
+        them all; otherwise each distinct prompt is encoded once, so a batch of groups costs one
+        pass per prompt.
         """
         if isinstance(prompts, str) or not prompts:
             raise ValueError("encode needs a non-empty list of prompts")
         unique = list(dict.fromkeys(prompts))
         position = {p: i for i, p in enumerate(unique)}
-        with self._text_encoders_on(self.device):
-            embeds = self._encode_unique(unique)
+        cached = self.embedding_cache.lookup(unique) if self.embedding_cache is not None else None
+        embeds = cached.to(self.device) if cached is not None else self.encode_uncached(unique)
         return embeds.index([position[p] for p in prompts])
+
+    @torch.no_grad()
+    def encode_uncached(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """``prompts`` (distinct) through the text encoders, on the model's device."""
+        with self._text_encoders_on(self.device):
+            return self._encode_unique(list(prompts))
+
+    def release_text_encoders(self) -> None:
+        """Move the text encoders to the CPU for good (`offload_text_encoders` from now on: an
+        uncached prompt brings them back for its encode)."""
+        self.text_encoders.to("cpu")
+        self.offload_text_encoders = True
 
     def negative(self, n: int) -> PromptEmbeds:
         """Embeddings of the empty prompt for ``n`` images (the CFG unconditional branch), cached."""

@@ -293,6 +293,28 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class PromptCacheConfig:
+    """Text embeddings of every prompt of the run, encoded once (`tpgrpo.embedding_cache`).
+
+    Args:
+        enabled: at the start of fit / validate / test / predict, encode the stage's prompt files
+            (each rank a share), keep the embeddings on disk and read them from there.
+        folder: where the cache lives (a sub-folder per model and prompts).
+        release_text_encoders: then move the text encoders off the accelerator for the rest of the run.
+        batch_size: prompts per text-encoder call while building the cache.
+    """
+
+    enabled: bool = False
+    folder: str = ".cache/tpgrpo/embeddings"
+    release_text_encoders: bool = True
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"prompt_cache.batch_size must be >= 1, got {self.batch_size}")
+        _check(bool(str(self.folder).strip()), "prompt_cache.folder must be a folder path")
+
+
+@dataclass(frozen=True)
 class RewardSpec:
     """One reward of the weighted total: its registered name, weight and keyword options."""
 
@@ -333,6 +355,7 @@ GROUPS: dict[str, type] = {
     "lora": LoRAConfig,
     "evaluation": EvaluationConfig,
     "compute": ComputeConfig,
+    "prompt_cache": PromptCacheConfig,
 }
 G = TypeVar("G")
 

@@ -13,8 +13,10 @@ its own.
 """
 from __future__ import annotations
 
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
@@ -81,6 +83,30 @@ class RolloutBatch:
         return replace(self, advantages=advantages)
 
 
+class PhaseTimer:
+    """Wall-clock seconds of named phases (``with timer("rollout"): ...``), accumulated in ``seconds``.
+
+    On CUDA it synchronises before reading the clock, so a phase's kernels count in that phase.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = self._now()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + self._now() - started
+
+
 def transition_pairs(rows: Tensor, transitions: Sequence[int]) -> tuple[Tensor, Tensor]:
     """All (image, transition) pairs of ``rows`` and ``transitions``, transition-major: (M,), (M,)."""
     rows = rows.flatten()
@@ -120,6 +146,7 @@ class GRPOStep:
         self.seed = seed
         self.collectives = collectives
         self._prompt_length_check: PromptLengthCheck | None = None
+        self.timings: dict[str, float] = {}  # seconds per phase of the last `collect`
 
     @property
     def device(self) -> torch.device:
@@ -206,39 +233,47 @@ class GRPOStep:
     def collect(self, prompts: Sequence[str], metadata: Sequence[Mapping], group_ids: Tensor, step: Any) -> RolloutBatch:
         """Rollout, rewards, credit and advantages of one batch (prompts repeated per group member).
 
-        ``step`` (any hashable value) seeds the rollout noise together with ``seed``.
+        ``step`` (any hashable value) seeds the rollout noise together with ``seed``. The seconds
+        of each phase (``encode``, ``rollout``, ``decode``, ``reward``, ``credit``) are left in
+        ``timings``.
         """
-        sampling = self.sampling
+        sampling, timer = self.sampling, PhaseTimer(self.device)
         group_ids = group_ids.to(self.device)
         # the same window on every rank: ranks must make the same transformer calls (see tpgrpo.distributed)
         window_start = sample_window_start(
             sampling.num_steps, sampling.window_size, sampling.window_range, torch.Generator().manual_seed(seed_for(self.seed, step))
         )
         initial_noise, step_noise = self.rollout_noise(group_ids, step)
-        cond = self.encode(prompts)
+        with timer("encode"):
+            cond = self.encode(prompts)
         was_training = self.transformer.training
         self.transformer.eval()
-        result = rollout(
-            self.velocity_fn(cond, sampling.guidance_scale),
-            initial_noise,
-            self.flow.sigmas(sampling.num_steps, sampling.resolution).to(self.device),
-            window_start,
-            sampling.window_size,
-            sampling.noise_level,
-            kind=sampling.step_kind,
-            branches=self.credit.method == "tp",
-            step_noise=step_noise,
-            branch_steps=self.credit.branch_steps,
-            max_batch=sampling.rollout_max_batch,
-        )
+        with timer("rollout"):
+            result = rollout(
+                self.velocity_fn(cond, sampling.guidance_scale),
+                initial_noise,
+                self.flow.sigmas(sampling.num_steps, sampling.resolution).to(self.device),
+                window_start,
+                sampling.window_size,
+                sampling.noise_level,
+                kind=sampling.step_kind,
+                branches=self.credit.method == "tp",
+                step_noise=step_noise,
+                branch_steps=self.credit.branch_steps,
+                max_batch=sampling.rollout_max_batch,
+            )
         self.transformer.train(was_training)
         num_images, completions = result.final_latents.shape[:2]
-        images = self.flow.decode(result.final_latents.flatten(0, 1))
-        scores = self.reward(
-            images, [p for p in prompts for _ in range(completions)], [m for m in metadata for _ in range(completions)]
-        )
+        with timer("decode"):
+            images = self.flow.decode(result.final_latents.flatten(0, 1))
+        with timer("reward"):
+            scores = self.reward(
+                images, [p for p in prompts for _ in range(completions)], [m for m in metadata for _ in range(completions)]
+            )
         scores = {key: value.view(num_images, completions) for key, value in scores.items()}
-        per_step, advantages, kept = self.credit_and_advantages(scores["reward"], group_ids)
+        with timer("credit"):
+            per_step, advantages, kept = self.credit_and_advantages(scores["reward"], group_ids)
+        self.timings = timer.seconds
         return RolloutBatch(
             rollout=result,
             cond=cond,

@@ -16,5 +16,5 @@ class RecordSteps(Callback):
         if not outputs:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        tensors = {key: value.detach().cpu().contiguous() for key, value in outputs.items()}
+        tensors = {key: value.detach().cpu().contiguous() for key, value in outputs.items() if torch.is_tensor(value)}
         save_file(tensors, str(self.directory / f"rank{trainer.global_rank}_batch{batch_idx}.safetensors"))
