@@ -25,10 +25,10 @@ install-ocr: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m tpgrpo.demo --config configs/tiny.yaml
 
-# the whole suite, its test files spread over the CPU cores (a file stays on one worker, so its
-# module fixtures are built once); test-fast leaves out the end-to-end runs (subprocess fits,
-# multi-process training, notebooks, packaging) for the edit loop
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+# the whole suite spread over the CPU cores (a test file stays on one worker, so its module
+# fixtures are built once; tests/conftest.py); test-fast leaves out the end-to-end runs
+# (subprocess fits, multi-process training, notebooks, packaging) for the edit loop
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 test: $(STAMP)
 	$(PYTEST)

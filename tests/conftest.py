@@ -34,3 +34,12 @@ def prompt_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `make test` (``--dist loadgroup``) each test file stays on one worker, so its module
+    fixtures are built once, except tests/test_readme.py: its documented commands are independent
+    and spread over the workers."""
+    for item in items:
+        if item.path.name != "test_readme.py":
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them ou
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "tpgrpo" / "tiny" / "MODEL_CARD.md",
-        *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md", "memory.md"))]
+        *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md", "memory.md", "tasks.md"))]
 COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
 
 # Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.
@@ -56,6 +56,29 @@ def run(argv: list[str], timeout: int = 600, **env: str) -> subprocess.Completed
     return result
 
 
+def run_in_process(argv: list[str]) -> str:
+    """``python train.py …`` or ``python -m <module> …`` in this process: the same code, without a new
+    interpreter's imports (for commands that only parse or print). Returns what it printed."""
+    import contextlib
+    import importlib
+    import io
+
+    if argv[1] == "train.py":
+        from tpgrpo.cli import main
+
+        args = argv[2:]
+    else:
+        assert argv[1] == "-m", argv
+        main, args = importlib.import_module(argv[2]).main, argv[3:]
+    printed = io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(printed):
+        try:
+            main(args)
+        except SystemExit as stop:
+            assert stop.code in (0, None), printed.getvalue()[-3000:]
+    return printed.getvalue()
+
+
 def python_argv(command: str, placeholders: dict[str, str]) -> list[str]:
     """The command's arguments with placeholders filled in and ``python`` the test's interpreter."""
     for placeholder, value in placeholders.items():
@@ -74,7 +97,7 @@ def check_print_config(command: str, work: Path) -> None:
     """Real weights cannot be downloaded here: the command must parse, with its overrides applied."""
     argv = python_argv(command, {})
     argv = [a for a in argv if a != "--print_config"] + ["--print_config"]
-    printed = run(argv).stdout
+    printed = run_in_process(argv)
     assert "pretrained_path:" in printed and "strategy:" in printed
     for option in re.findall(r"--(model\.[\w.]+|data\.[\w.]+|trainer\.[\w.]+)[ =](\S+)", command):
         key, value = option[0].rsplit(".", 1)[1], option[1].strip("'\"")
@@ -123,8 +146,13 @@ def check_make_target(command: str, work: Path) -> None:
     target = command.split()[1]
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
-    expected = {"test": "pytest", "install-ocr": "tesseract-ocr", "bench": "benchmarks/"}[target]
-    assert expected in recipe
+    for name, value in re.findall(r"^(\w+) :?= (.*)$", makefile, re.M):  # expand the Makefile's variables
+        recipe = recipe.replace(f"$({name})", value)
+    expected = {
+        "test": ["pytest -q -n auto"], "test-fast": ["pytest", 'not e2e'], "test-all": ["pytest", "slow or not slow"],
+        "install-ocr": ["tesseract-ocr"], "bench": ["benchmarks/step.py"],
+    }[target]
+    assert all(part in recipe for part in expected), recipe
 
 
 def check_tensorboard(command: str, work: Path) -> None:
@@ -174,7 +202,7 @@ def check_pretrain(command: str, work: Path) -> None:
 def check_evaluate(command: str, work: Path) -> None:
     prompts = work / "few.jsonl"
     prompts.write_text("".join((ROOT / "data" / "shapes" / "test.jsonl").read_text().splitlines(True)[:4]))
-    run(python_argv(command, {"data/shapes/test.jsonl": str(prompts)}) + ["--seeds=1", f"--json={work / 'eval.json'}"])
+    run(python_argv(command, {}) + [f"--prompts={prompts}", "--seeds=1", "--steps=2", f"--json={work / 'eval.json'}"])
     assert (work / "eval.json").is_file()
 
 
@@ -212,7 +240,7 @@ def check_benchmark(command: str, work: Path) -> None:
 
 
 def check_memory(command: str, work: Path) -> None:
-    printed = run(python_argv(command, {})).stdout
+    printed = run_in_process(python_argv(command, {}))
     assert "| **total, text encoders on device** |" in printed and "| transformer (frozen) |" in printed
 
 
