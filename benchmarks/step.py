@@ -151,6 +151,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default="tiny,sd3", help="comma-separated subset of tiny,sd3")
+    parser.add_argument("--methods", default="tp,outcome", help="comma-separated subset of tp,outcome")
     parser.add_argument("--batches", type=int, default=1, help="measured rollout batches per method (best is kept)")
     parser.add_argument("--warmup", type=int, default=0, help="batches run before measuring (compile, allocator)")
     parser.add_argument("--sd3-layers", type=int, default=2, help="of the real 24")
@@ -167,11 +168,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def summary(results: dict) -> str:
     parts = []
     for case, methods in results["cases"].items():
-        tp, flow = methods["tp"], methods["outcome"]
-        parts.append(
-            f"{case}: TP-GRPO {tp['seconds']:.1f}s ({tp['nfe_per_image']} NFE) / Flow-GRPO {flow['seconds']:.1f}s "
-            f"({flow['nfe_per_image']} NFE) = {methods['step_time_ratio']:.2f}"
-        )
+        timed = [f"{METHODS[m]} {r['seconds']:.1f}s ({r['nfe_per_image']} NFE, update {r['phases']['update']:.1f}s)"
+                 for m, r in methods.items() if m in METHODS]
+        ratio = f" = {methods['step_time_ratio']:.2f}" if "step_time_ratio" in methods else ""
+        parts.append(f"{case}: {' / '.join(timed)}{ratio}")
     return "whole-step benchmark: " + "; ".join(parts)
 
 
@@ -184,8 +184,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = {"machine": machine(torch.device(args.device)), "args": {k: str(v) for k, v in vars(args).items()}, "cases": {}}
     for case in cases:
         folder = save_sd3_shaped(args.work / "sd3_shaped", args.sd3_layers, args.sd3_resolution) if case == "sd3" else None
-        methods = {method: measure(args, case, method, folder) for method in METHODS}
-        methods["step_time_ratio"] = methods["tp"]["seconds"] / methods["outcome"]["seconds"]
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = {method: measure(args, case, method, folder) for method in chosen}
+        if {"tp", "outcome"} <= set(methods):
+            methods["step_time_ratio"] = methods["tp"]["seconds"] / methods["outcome"]["seconds"]
         results["cases"][case] = methods
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

@@ -38,8 +38,8 @@ def prompt_file(tmp_path):
 
 def pytest_collection_modifyitems(config, items):
     """Under `make test` (``--dist loadgroup``) each test file stays on one worker, so its module
-    fixtures are built once, except tests/test_readme.py: its documented commands are independent
-    and spread over the workers."""
+    fixtures are built once (a test may name another group, as the long multi-process runs do),
+    except tests/test_readme.py: its documented commands are independent and spread over the workers."""
     for item in items:
-        if item.path.name != "test_readme.py":
+        if item.path.name != "test_readme.py" and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))

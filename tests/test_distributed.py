@@ -76,9 +76,17 @@ def fsdp2_run(tmp_path_factory):
     return fit(tmp_path_factory.mktemp("fsdp2"), "fsdp2", 2, "fsdp2")
 
 
+# the multi-process runs are the suite's longest: two groups of them run on two workers (`make test`)
+OTHER_WORKER = pytest.mark.xdist_group("test_distributed_2")
+
+
 @pytest.mark.parametrize(
     "strategy, options",
-    [("ddp", ()), ("fsdp2", ()), ("fsdp2", ("--model.update.gradient_checkpointing=true",))],
+    [
+        ("ddp", ()),
+        ("fsdp2", ()),
+        pytest.param("fsdp2", ("--model.update.gradient_checkpointing=true",), marks=OTHER_WORKER),
+    ],
     ids=["ddp", "fsdp2", "fsdp2-activation-checkpointing"],
 )
 def test_two_ranks_compute_what_one_process_computes(tmp_path, request, one_process, strategy, options):
@@ -125,6 +133,7 @@ def test_checkpoints_cross_between_one_and_two_processes(tmp_path, one_process, 
         torch.testing.assert_close(ema["fsdp2"][key], value, rtol=0, atol=1e-5)
 
 
+@OTHER_WORKER
 def test_fsdp2_with_bf16_weights_and_mixed_precision_trains(tmp_path):
     """configs/sd3.yaml's combination: frozen parts in bfloat16, bf16-mixed compute, float32 LoRA."""
     run = fit(tmp_path, "bf16", 2, "fsdp2", "--trainer.precision=bf16-mixed", "--model.weights_dtype=bfloat16")
