@@ -5,7 +5,7 @@ On one large GPU (the budget is 8 minutes) it records, into ``benchmarks/results
 1. a bf16 TP-GRPO step and a Flow-GRPO step of the SD3.5-Medium-shaped pipeline of
    `benchmarks/step.py` (all 24 transformer layers, random weights, 512 px, configs/sd3.yaml's
    recipe at ``--prompts`` prompts × 24 images): seconds per phase, rollout NFE per second, peak
-   memory, the first step's ratio statistics, and the model FLOP utilisation from FLOPs counted
+   memory, the first optimizer step's ratio range (``train/first_ratio_min`` / ``_max``), and the model FLOP utilisation from FLOPs counted
    with `torch.utils.flop_counter` on one transformer evaluation;
 2. the same TP-GRPO step with ``model.compute.compile`` (one warm-up batch compiles);
 3. single-device smoke runs of ``--trainer.strategy fsdp`` (FSDP1) and ``fsdp2`` on the shipped model.
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"gpu check ({out['mode']}): TP-GRPO step {tp.get('seconds', float('nan')):.1f}s, "
         f"TP/Flow {out.get('step_time_ratio', float('nan')):.2f}, "
-        f"ratio max {tp.get('update_metrics', {}).get('train/ratio_max', float('nan')):.6f}, "
+        f"first-step ratio max {tp.get('update_metrics', {}).get('train/first_ratio_max', float('nan')):.6f}, "
         f"fsdp rc {out['strategies'].get('fsdp', {}).get('returncode')}, fsdp2 rc {out['strategies'].get('fsdp2', {}).get('returncode')}; "
         f"{args.out}"
     )

@@ -40,7 +40,7 @@ from tpgrpo.cli import build_cli  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "step.json"
 METHODS = {"tp": "TP-GRPO", "outcome": "Flow-GRPO"}
-UPDATE_METRICS = ("train/ratio", "train/clip_frac", "train/log_prob_diff", "train/policy_loss")
+UPDATE_METRICS = ("train/ratio", "train/first_ratio", "train/clip_frac", "train/log_prob_diff", "train/policy_loss")
 
 
 class StepRecorder(Callback):

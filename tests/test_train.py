@@ -68,7 +68,8 @@ def test_fit_runs_end_to_end_and_logs(tmp_path, tiny_model_dir, prompt_file):
         "train/reward_mean", "train/reward_std", "train/shapes", "train/jpeg_incompressibility", "train/policy_loss", "train/clip_frac",
         "train/ratio_mean", "train/grad_norm", "train/lr", "train/images_per_second", "per_step/R_0",
         "per_step/R_2", "per_step/turning_point_rate_0", "per_step/advantage_abs_mean_1",
-        "train/turning_points_kept", "val/reward", "image:train/samples", "image:val/samples",
+        "train/turning_points_kept", "train/first_ratio_min", "train/first_ratio_max", "val/reward",
+        "image:train/samples", "image:val/samples",
         *(f"time/{phase}_seconds" for phase in ("encode", "rollout", "decode", "reward", "credit", "update")),
     ]:
         assert tag in tags, tag

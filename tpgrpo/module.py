@@ -208,11 +208,14 @@ class TPGRPOModule(LightningModule):
         part_of = credit_rules.update_parts(collected.group_ids, steps)
         totals: dict[str, list[Tensor]] = {}
         step_losses = torch.zeros(steps)
+        first: dict[str, Tensor] = {}  # the ratio's range on the first step
         for index in range(steps):
             part = (active & (part_of == index)).nonzero().flatten()
             part_total = int(comm.sum(part.numel()))
             if part_total:
                 step_losses[index] = self._accumulate(collected, part, part_total, totals)
+            if index == 0 and "ratio_min" in totals:  # the first step recomputes the rollout's transitions: ratio 1
+                first = {"first_ratio_min": min(totals["ratio_min"]), "first_ratio_max": max(totals["ratio_max"])}
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer), self.update_config.max_grad_norm))
             if part_total and not torch.isfinite(grad_norm):
                 self.optimizers().zero_grad(set_to_none=True)
@@ -222,6 +225,7 @@ class TPGRPOModule(LightningModule):
                 totals.setdefault("grad_norm", []).append(grad_norm.detach())
             self._optimizer_step()
         out = {key: float(torch.stack(values).float().mean()) for key, values in totals.items()}
+        out.update({key: float(value) for key, value in first.items()})
         out["active_fraction"] = float(active.float().mean())
         return out, step_losses
 
