@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import step as step_benchmark  # noqa: E402
-from benchmarks.rollout import SD35_MEDIUM_TRANSFORMER, machine  # noqa: E402
+from benchmarks.rollout import machine, sd35_medium_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_check.json"
 # dense bf16 tensor-core peaks (FLOP/s) by name fragment, from the vendors' data sheets
@@ -42,13 +42,12 @@ def peak_flops(name: str) -> float | None:
     return next((value for key, value in PEAK_BF16.items() if key in name), None)
 
 
-def flops_per_evaluation(layers: int, resolution: int, text_tokens: int, cfg: bool, device: str) -> float:
+def flops_per_evaluation(layers: int, resolution: int, text_tokens: int, cfg: bool) -> float:
     """FLOPs of one velocity evaluation (a CFG pair when ``cfg``) of the SD3.5-M-shaped transformer, counted."""
     from diffusers import SD3Transformer2DModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = dict(SD35_MEDIUM_TRANSFORMER, num_layers=layers, sample_size=resolution // 8)
-    config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < layers)
+    config = sd35_medium_config(layers, sample_size=resolution // 8)
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**config)
     batch, side = 2 if cfg else 1, resolution // 8
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["runs"] = runs
     window = 2 if args.cpu else 9
     text_tokens = 77 + 128  # CLIP tokens + configs/sd3.yaml's max_sequence_length
-    per_evaluation = flops_per_evaluation(layers, resolution, text_tokens, cfg=True, device=device)
+    per_evaluation = flops_per_evaluation(layers, resolution, text_tokens, cfg=True)
     peak = peak_flops(out["machine"].get("gpu", "")) if not args.cpu else None
     for name, result in runs.items():
         result["rollout_nfe_per_second"] = result["nfe_per_image"] * result["images"] / result["phases"]["rollout"]

@@ -44,32 +44,25 @@ import torch
 import transformers
 from torch import Tensor
 
+from tpgrpo.memory import SD35_MEDIUM_TRANSFORMER
 from tpgrpo.pipelines import FlowModel, PromptEmbeds, SD3Model
 from tpgrpo.settings import CreditConfig, SamplingConfig, UpdateConfig
-from tpgrpo.step import GRPOStep
 from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
+from tpgrpo.step import GRPOStep
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.json"
-
-# transformer/config.json of stabilityai/stable-diffusion-3.5-medium
-SD35_MEDIUM_TRANSFORMER = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)),
-    qk_norm="rms_norm",
-)
 SD35_TEXT_TOKENS = 333  # 77 CLIP tokens + 256 T5 tokens
 SD35_VAE_FACTOR = 8
 SD3_SHIFT = 3.0
+
+
+def sd35_medium_config(layers: int, sample_size: int | None = None) -> dict:
+    """SD3.5-Medium's transformer config (`tpgrpo.memory`) cut to its first ``layers`` blocks."""
+    config = dict(SD35_MEDIUM_TRANSFORMER, num_layers=layers)
+    config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < layers)
+    if sample_size is not None:
+        config["sample_size"] = sample_size
+    return config
 
 
 # ---------------------------------------------------------------- measurement
@@ -109,25 +102,37 @@ def _release_freed_heap() -> None:
         pass
 
 
+def start_peak_memory(device: torch.device) -> int:
+    """Reset the peak-memory counter of ``device`` and return the bytes in use now (CUDA allocator,
+    or on CPU the process's resident set after giving freed heap back)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    _release_freed_heap()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux)
+    return _rss_kib("VmRSS") * 1024
+
+
+def peak_memory_increase_mib(device: torch.device, before: int) -> float:
+    """The peak since `start_peak_memory` over the ``before`` it returned, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    return (peak - before) / 2**20
+
+
 def measure(run: Callable[[], Rollout], device: torch.device) -> tuple[Rollout, dict[str, float]]:
     """Run once; return its result and ``seconds`` (wall clock), ``cpu_seconds`` (this process's
     CPU time, less sensitive than the wall clock to other jobs on a shared CPU) and
     ``peak_memory_mib`` (peak memory increase)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        _release_freed_heap()
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux)
-        before = _rss_kib("VmRSS") * 1024
+    before = start_peak_memory(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     result = run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
-    return result, {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_memory_mib": (peak - before) / 2**20}
+    return result, {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_memory_mib": peak_memory_increase_mib(device, before)}
 
 
 def compare_schedules(
@@ -249,8 +254,7 @@ def sd3_case(args: argparse.Namespace, device: torch.device) -> dict:
     if args.sd3_resolution % (SD35_VAE_FACTOR * 2):
         raise ValueError(f"--sd3-resolution must be a multiple of 16, got {args.sd3_resolution}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = dict(SD35_MEDIUM_TRANSFORMER, num_layers=args.sd3_layers)
-    config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < args.sd3_layers)
+    config = sd35_medium_config(args.sd3_layers)
     torch.manual_seed(args.seed)
     with torch.device(device):
         transformer = SD3Transformer2DModel(**config).to(dtype).eval().requires_grad_(False)

@@ -35,7 +35,7 @@ from lightning.pytorch import Callback
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rollout import SD35_MEDIUM_TRANSFORMER, SD3_SHIFT, _release_freed_heap, _rss_kib, machine  # noqa: E402
+from benchmarks.rollout import SD3_SHIFT, machine, peak_memory_increase_mib, sd35_medium_config, start_peak_memory  # noqa: E402
 from tpgrpo.cli import build_cli  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "step.json"
@@ -51,21 +51,13 @@ class StepRecorder(Callback):
         self.batches: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._before = torch.cuda.memory_allocated(self.device)
-        else:
-            _release_freed_heap()
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux)
-            self._before = _rss_kib("VmRSS") * 1024
+        self._before = start_peak_memory(self.device)
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - self._started
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _rss_kib("VmHWM") * 1024
         images = len(batch["prompts"])
         self.batches.append({
             "seconds": seconds,
@@ -73,7 +65,7 @@ class StepRecorder(Callback):
             "images": images,
             "images_per_second": images / seconds,
             "nfe_per_image": outputs["nfe_per_image"],
-            "peak_memory_mib": (peak - self._before) / 2**20,
+            "peak_memory_mib": peak_memory_increase_mib(self.device, self._before),
         })
 
 
@@ -83,8 +75,7 @@ def save_sd3_shaped(folder: Path, layers: int, resolution: int, seed: int = 0) -
 
     from tpgrpo.tiny.components import _text_encoder, build_tokenizer, build_vae
 
-    config = dict(SD35_MEDIUM_TRANSFORMER, num_layers=layers, sample_size=resolution // 8)
-    config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < layers)
+    config = sd35_medium_config(layers, sample_size=resolution // 8)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**config)
     tokenizer = build_tokenizer(max_length=77)

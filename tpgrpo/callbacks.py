@@ -109,6 +109,13 @@ def find_last_checkpoint(trainer: Trainer) -> str | None:
     return max(existing, key=os.path.getmtime) if existing else None
 
 
+def crossed_multiple(before: int, after: int, every: int) -> bool:
+    """Whether a batch that took the step count from ``before`` to ``after`` passed a multiple of
+    ``every`` (never for ``every`` < 1): a batch takes several optimizer steps, so ``after % every
+    == 0`` would miss multiples it jumped over."""
+    return every >= 1 and after // every > before // every
+
+
 class AtomicCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` with crash-safe writes and step counting that fits several optimizer steps per batch.
 
@@ -146,7 +153,7 @@ class AtomicCheckpoint(ModelCheckpoint):
         if pl_module.automatic_optimization:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         every = self._every_n_train_steps
-        due = every >= 1 and trainer.global_step // every > self._step_before_batch // every
+        due = crossed_multiple(self._step_before_batch, trainer.global_step, every)
         interval = self._train_time_interval
         if interval is not None:
             now = time.monotonic()
@@ -231,8 +238,7 @@ class LoRAExport(Callback):
         self._step_before_batch = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        every = self.every_n_train_steps
-        if every and trainer.global_step // every > self._step_before_batch // every:
+        if crossed_multiple(self._step_before_batch, trainer.global_step, self.every_n_train_steps):
             self.export(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -295,8 +301,7 @@ class ImageGrids(Callback):
         self._step_before_batch = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = self.every_n_train_steps
-        if not outputs or not every or trainer.global_step // every <= self._step_before_batch // every:
+        if not outputs or not crossed_multiple(self._step_before_batch, trainer.global_step, self.every_n_train_steps):
             return
         prompts = batch.get("prompts") if isinstance(batch, dict) else None
         self.log_grid(trainer, "train/samples", outputs.get("images"), outputs["rewards"][:, -1], prompts)

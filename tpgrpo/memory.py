@@ -31,8 +31,7 @@ from tpgrpo.settings import parse_dtype
 # which equals the hub file's value.
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (SD3Transformer2DModel).
-# The same config as SD35_MEDIUM_TRANSFORMER in benchmarks/rollout.py (not imported: benchmarks
-# is not part of the package).
+# benchmarks/ builds its SD3.5-M-shaped transformers from this config.
 SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "sample_size": 128,
     "patch_size": 2,
