@@ -79,8 +79,11 @@ def test_the_batched_loss_equals_the_loop_over_transitions(collected):
         model, lambda: sum(step.loss(batch, *transition_pairs(rows, [t]))[0] for t in transitions) / len(transitions)
     )
     torch.testing.assert_close(batched_loss, loop_loss, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(batched_grad, loop_grad, rtol=1e-4, atol=1e-8)
-    assert batched_grad.abs().sum() > 0
+    # elements near zero carry float summation-order noise (batched kernels sum in another
+    # order on some CPUs), so the absolute tolerance scales with the gradient's largest entry
+    scale = loop_grad.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(batched_grad, loop_grad, rtol=1e-4, atol=1e-5 * scale)
     _, metrics = step.loss(batch, *transition_pairs(rows, transitions))
     assert metrics["kl"] > 0  # the LoRA moved the policy away from the reference
     assert float(metrics["log_prob_diff"]) < 1e-3  # rollout and update compute the same transitions
