@@ -81,6 +81,18 @@ def test_lora_counts_match_the_projections_counted_by_hand(rank):
     assert memory.lora_parameter_count("flux", rank) == (19 * 8 + 38 * 3) * (3072 + 3072) * rank
 
 
+def test_sd35_large_builds_on_the_meta_device_with_its_published_size():
+    large, medium = memory.parameter_counts("sd35-large"), memory.parameter_counts("sd3")
+    assert 8.0e9 <= large["transformer"] <= 8.1e9  # SD3.5 Large: "8.1 B"
+    assert {k: v for k, v in large.items() if k != "transformer"} == {k: v for k, v in medium.items() if k != "transformer"}
+    assert memory.component_sizes("sd35-large")["transformer"].floating_buffers == 192 * 192 * 2432
+    transformer = memory.PIPELINES["sd35-large"]["transformer"].build_on_meta()
+    assert len(transformer.transformer_blocks) == 38 and all(p.is_meta for p in transformer.parameters())
+    assert not any(block.attn2 for block in transformer.transformer_blocks)  # no dual-attention layers
+    # 38 joint blocks of eight 2432x2432 projections, the last without to_add_out (context_pre_only)
+    assert memory.lora_parameter_count("sd35-large", 16) == (38 * 8 - 1) * (2432 + 2432) * 16
+
+
 TINY_SD3 = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
                 pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
@@ -138,7 +150,7 @@ def test_released_text_encoders_take_no_accelerator_memory():
 
 
 def test_bad_arguments_are_user_errors():
-    with pytest.raises(UserInputError, match="family"):
+    with pytest.raises(UserInputError, match=r"unknown model 'sdxl'; use one of \['flux', 'sd3', 'sd35-large'\]"):
         memory.parameter_counts("sdxl")
     with pytest.raises(UserInputError, match="strategy"):
         memory.memory_table("sd3", "bfloat16", "zero3", 8, 32)

@@ -19,7 +19,10 @@ from tpgrpo.settings import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_CONFIGS = ["configs/sd3.yaml", "configs/flux.yaml"]
+# every real-model config shipped (all but the base and the tiny demo's)
+MODEL_CONFIGS = sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml") if p.name not in ("base.yaml", "tiny.yaml")
+)
 TASKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "tasks").glob("*.yaml"))
 
 

@@ -53,10 +53,22 @@ if FSDP2Strategy.strategy_name not in StrategyRegistry:
 
 
 def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of an SD3 or FLUX transformer (the units that are sharded and checkpointed)."""
-    blocks = []
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        blocks.extend(getattr(transformer, name, None) or [])
+    """The repeated blocks of a diffusers transformer (the units that are sharded and checkpointed).
+
+    The classes the model lists in ``_repeated_blocks`` (FLUX, Qwen-Image, FLUX.2, Z-Image: the
+    latter's refiner blocks too), else the ``transformer_blocks`` and ``single_transformer_blocks``
+    lists (SD3). Subclasses count, so blocks already wrapped by ``fully_shard`` are found.
+    """
+    repeated = set(getattr(type(transformer), "_repeated_blocks", None) or ())
+    if repeated:
+        blocks = [
+            module for module in transformer.modules()
+            if any(cls.__name__ in repeated for cls in type(module).__mro__)
+        ]
+    else:
+        blocks = []
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            blocks.extend(getattr(transformer, name, None) or [])
     if not blocks:
         raise TypeError(f"{type(transformer).__name__} has no transformer_blocks to shard")
     return blocks

@@ -120,10 +120,9 @@ class EmbeddingCache:
         if parts:
             embeds = PromptEmbeds.cat(parts)
         else:  # more ranks than prompts: an empty shard of the right widths
-            probe = flow.encode_uncached([""])
-            embeds = PromptEmbeds(probe.prompt_embeds[:0], probe.pooled[:0])
+            embeds = flow.encode_uncached([""]).index([])
         name = _shard_name(comm.rank, comm.world_size)
-        tensors = {"prompt_embeds": embeds.prompt_embeds.cpu().contiguous(), "pooled": embeds.pooled.cpu().contiguous()}
+        tensors = {field: value.cpu().contiguous() for field, value in embeds.tensors().items()}
         save_file(tensors, str(self.root / (name + ".tmp")), metadata={"key": self.key, "count": str(len(mine))})
         (self.root / (name + ".tmp")).replace(self.root / name)
         barrier()
@@ -168,14 +167,19 @@ class EmbeddingCache:
         for prompt in prompts:
             shard, row = self._where[prompt]
             handle = self._shards[shard]
-            rows.append((handle.get_slice("prompt_embeds")[row : row + 1], handle.get_slice("pooled")[row : row + 1]))
-        return PromptEmbeds(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]))
+            rows.append(PromptEmbeds(**{field: handle.get_slice(field)[row : row + 1] for field in handle.keys()}))
+        return PromptEmbeds.cat(rows)
 
     def check(self, flow: FlowModel, prompts: Sequence[str]) -> None:
         """Re-encode ``prompts`` and compare with the cache; `StaleCacheError` when they differ."""
-        cached, fresh = self.lookup(prompts), flow.encode_uncached(list(prompts))
-        for name, a, b in (("prompt_embeds", cached.prompt_embeds, fresh.prompt_embeds), ("pooled", cached.pooled, fresh.pooled)):
-            a, b = a.float(), b.float().cpu()
+        cached, fresh = self.lookup(prompts).tensors(), flow.encode_uncached(list(prompts)).tensors()
+        if cached.keys() != fresh.keys():
+            raise StaleCacheError(
+                f"the embedding cache {self.root} holds {sorted(cached)} but the model gives {sorted(fresh)}; "
+                "delete the folder to rebuild it"
+            )
+        for name in fresh:
+            a, b = cached[name].float(), fresh[name].float().cpu()
             scale = max(float(b.abs().max()), 1e-6)
             if a.shape != b.shape or float((a - b).abs().max()) > CHECK_TOLERANCE * scale:
                 raise StaleCacheError(

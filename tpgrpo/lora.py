@@ -1,4 +1,4 @@
-"""LoRA policy helpers over peft, for diffusers transformers (SD3 / FLUX).
+"""LoRA policy helpers over peft, for the diffusers transformers of `tpgrpo.pipelines`.
 
 The policy is the base transformer plus one LoRA adapter; the reference model of the KL term
 is the same module with the adapter disabled (`disabled_adapter`), so no weights are copied.
@@ -24,13 +24,22 @@ from torch.distributed.tensor import DTensor
 from tpgrpo.errors import UserInputError
 
 # The image and text attention projections of the joint blocks (Flow-GRPO's and TP-GRPO's
-# recipe). FLUX uses the same names: its double blocks have all eight, its single blocks
-# the image q/k/v. "attn." keeps SD3.5's extra image-only attention (attn2) out, as the recipe does.
+# recipe). FLUX.1 and Qwen-Image use the same names: FLUX.1's double blocks and Qwen-Image's
+# blocks have all eight, FLUX.1's single blocks the image q/k/v. "attn." keeps SD3.5's extra
+# image-only attention (attn2) out, as the recipe does.
 ATTENTION_PROJECTIONS: tuple[str, ...] = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 )
-DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {"sd3": ATTENTION_PROJECTIONS, "flux": ATTENTION_PROJECTIONS}
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "sd3": ATTENTION_PROJECTIONS,
+    "flux": ATTENTION_PROJECTIONS,
+    "qwenimage": ATTENTION_PROJECTIONS,
+    # FLUX.2's single blocks fuse q, k, v and the MLP input into one projection
+    "flux2": (*ATTENTION_PROJECTIONS, "attn.to_qkv_mlp_proj"),
+    # Z-Image is single-stream: one attention per block (refiners included), text and image together
+    "zimage": ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"),
+}
 ADAPTER = "default"
 
 

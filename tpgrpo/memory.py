@@ -1,6 +1,6 @@
 """Parameter memory per rank of the real pipelines, computed from their architecture configs.
 
-``python -m tpgrpo.memory [--family sd3|flux] [--world-size N] [--lora-rank R]`` prints a
+``python -m tpgrpo.memory [--model sd3|sd35-large|flux] [--world-size N] [--lora-rank R]`` prints a
 markdown table of GiB per rank for each weights precision (float32, bfloat16) and scale-out
 strategy (ddp, fsdp2). Every model is built on the meta device from the config below, so
 nothing is downloaded and no memory is allocated; the counts are the real modules' counts.
@@ -46,6 +46,17 @@ SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "pos_embed_max_size": 384,
     "dual_attention_layers": tuple(range(13)),
     "qk_norm": "rms_norm",
+}
+
+# stabilityai/stable-diffusion-3.5-large, transformer/config.json (SD3Transformer2DModel): the
+# Medium's block design, wider and deeper, without the dual-attention layers.
+SD35_LARGE_TRANSFORMER: dict[str, Any] = {
+    **SD35_MEDIUM_TRANSFORMER,
+    "num_layers": 38,
+    "num_attention_heads": 38,
+    "caption_projection_dim": 2432,
+    "pos_embed_max_size": 192,
+    "dual_attention_layers": (),
 }
 
 # stabilityai/stable-diffusion-3.5-medium, text_encoder/config.json (CLIPTextModelWithProjection,
@@ -147,12 +158,20 @@ class Component:
 TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 # Components by the pipeline's attribute names.
+SD3_TEXT_ENCODERS: dict[str, Component] = {
+    "text_encoder": Component(CLIPTextModelWithProjection, CLIP_L_TEXT, CLIPTextConfig),
+    "text_encoder_2": Component(CLIPTextModelWithProjection, CLIP_G_TEXT, CLIPTextConfig),
+    "text_encoder_3": Component(T5EncoderModel, T5_XXL_ENCODER, T5Config),
+}
 PIPELINES: dict[str, dict[str, Component]] = {
     "sd3": {
         "transformer": Component(SD3Transformer2DModel, SD35_MEDIUM_TRANSFORMER),
-        "text_encoder": Component(CLIPTextModelWithProjection, CLIP_L_TEXT, CLIPTextConfig),
-        "text_encoder_2": Component(CLIPTextModelWithProjection, CLIP_G_TEXT, CLIPTextConfig),
-        "text_encoder_3": Component(T5EncoderModel, T5_XXL_ENCODER, T5Config),
+        **SD3_TEXT_ENCODERS,
+        "vae": Component(AutoencoderKL, SD35_MEDIUM_VAE),
+    },
+    "sd35-large": {  # the same text encoders and VAE as the Medium
+        "transformer": Component(SD3Transformer2DModel, SD35_LARGE_TRANSFORMER),
+        **SD3_TEXT_ENCODERS,
         "vae": Component(AutoencoderKL, SD35_MEDIUM_VAE),
     },
     "flux": {
@@ -162,7 +181,12 @@ PIPELINES: dict[str, dict[str, Component]] = {
         "vae": Component(AutoencoderKL, FLUX_DEV_VAE),
     },
 }
-HUB_REPOS: dict[str, str] = {"sd3": "stabilityai/stable-diffusion-3.5-medium", "flux": "black-forest-labs/FLUX.1-dev"}
+HUB_REPOS: dict[str, str] = {
+    "sd3": "stabilityai/stable-diffusion-3.5-medium",
+    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux": "black-forest-labs/FLUX.1-dev",
+}
+MODEL_FAMILIES: dict[str, str] = {"sd3": "sd3", "sd35-large": "sd3", "flux": "flux"}  # for the LoRA targets
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
 LORA_BYTES_PER_VALUE = 4  # LoRA weights, their gradients and AdamW's moments are float32
 ADAM_STATES_PER_WEIGHT = 2  # exp_avg and exp_avg_sq
@@ -171,7 +195,7 @@ GIB = 1024**3
 
 def _components(family: str) -> dict[str, Component]:
     if family not in PIPELINES:
-        raise UserInputError(f"unknown model family {family!r}; use one of {sorted(PIPELINES)}")
+        raise UserInputError(f"unknown model {family!r}; use one of {sorted(PIPELINES)}")
     return PIPELINES[family]
 
 
@@ -202,7 +226,7 @@ def _sizes(family: str) -> tuple[tuple[str, Size], ...]:
 
 
 def component_sizes(family: str) -> dict[str, Size]:
-    """``component name -> Size`` of the real pipeline of ``family`` ("sd3" or "flux")."""
+    """``component name -> Size`` of the real pipeline of ``family`` (a key of `PIPELINES`)."""
     return dict(_sizes(family))
 
 
@@ -244,7 +268,7 @@ def lora_parameter_count(family: str, rank: int, targets: Sequence[str] | None =
     if rank < 1:
         raise UserInputError(f"LoRA rank must be >= 1, got {rank}")
     _components(family)
-    targets = DEFAULT_TARGET_MODULES[family] if targets is None else targets
+    targets = DEFAULT_TARGET_MODULES[MODEL_FAMILIES[family]] if targets is None else targets
     return _lora_parameter_count(family, rank, tuple(targets))
 
 
@@ -303,7 +327,9 @@ def memory_table(
 
 
 WEIGHTS_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
-FAMILY_TITLES: dict[str, str] = {"sd3": "Stable Diffusion 3.5 Medium", "flux": "FLUX.1-dev"}
+FAMILY_TITLES: dict[str, str] = {
+    "sd3": "Stable Diffusion 3.5 Medium", "sd35-large": "Stable Diffusion 3.5 Large", "flux": "FLUX.1-dev",
+}
 
 
 def _gib(value: int) -> str:
@@ -356,7 +382,7 @@ def markdown_table(family: str, world_size: int, lora_rank: int) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Print `markdown_table` for the family, world size and LoRA rank given on the command line."""
     parser = argparse.ArgumentParser(prog="python -m tpgrpo.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(PIPELINES), default="sd3")
+    parser.add_argument("--model", "--family", dest="family", choices=sorted(PIPELINES), default="sd3")
     parser.add_argument("--world-size", type=int, default=8, help="ranks (GPUs) the run is spread over")
     parser.add_argument("--lora-rank", type=int, default=32)
     args = parser.parse_args(argv)

@@ -61,9 +61,10 @@ class TPGRPOModule(LightningModule):
     may be given as its dataclass or as a mapping of its settings.
 
     Args:
-        pretrained_path: hub id or local folder of a diffusers SD3 / FLUX pipeline; defaults to
-            the shipped tiny model.
-        family: "auto" (read the folder), "sd3" or "flux".
+        pretrained_path: hub id or local folder of a diffusers pipeline of a supported family;
+            defaults to the shipped tiny model.
+        family: "auto" (read the folder) or one of `tpgrpo.pipelines.PIPELINE_FAMILIES`: "sd3",
+            "flux", "qwenimage", "flux2", "zimage".
         rewards: reward names and weights, each a weight or a mapping of the weight and the
             reward's options, e.g. ``{pickscore: 1.0, ocr: {weight: 0.5, engine: tesseract}}``.
         sampling: training rollouts (`tpgrpo.settings.SamplingConfig`).

@@ -1,7 +1,8 @@
 """The model side of TP-GRPO: a flow-matching text-to-image model behind one small interface.
 
-`FlowModel` wraps a diffusers pipeline (SD3 / SD3.5 through `SD3Model`, FLUX through
-`FluxModel`) and exposes what the rollout and the training step need:
+`FlowModel` wraps a diffusers pipeline (SD3 / SD3.5 through `SD3Model`, FLUX.1 through
+`FluxModel`, Qwen-Image through `QwenImageModel`, FLUX.2 [klein] through `Flux2Model`, Z-Image
+through `ZImageModel`) and exposes what the rollout and the training step need:
 
     cond = model.encode(prompts)                          # PromptEmbeds of N images, no grad
     sigmas = model.sigmas(num_steps, resolution)          # (T+1,) float32, 1 -> 0
@@ -9,7 +10,8 @@
     v = model.velocity(x, sigma, cond, guidance_scale)    # (N, C, h, w) float32, one transformer call
     images = model.decode(x)                              # (N, 3, H, W) float32 in [0, 1], no grad
 
-Latents are always (N, C, h, w) for callers; FLUX packing happens inside `velocity`. All
+Latents are always (N, C, h, w) for callers; a family's packing into tokens, position ids,
+timestep and velocity sign conventions happen inside `velocity`. All
 weights are frozen on construction; the policy is a LoRA added to ``model.transformer``
 (see `tpgrpo.lora`), and ``velocity(..., transformer=...)`` accepts a wrapped transformer.
 `FlowModel` is an ``nn.Module`` so that Lightning moves it with the LightningModule; its
@@ -32,10 +34,14 @@ import torch
 from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
     FluxPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -52,45 +58,93 @@ class ModelLoadError(UserInputError):
 class PromptEmbeds:
     """Text conditioning of N images.
 
-    ``prompt_embeds``: (N, L, D) token embeddings (SD3: CLIP and T5 tokens; FLUX: T5 tokens).
-    ``pooled``: (N, P) pooled embeddings (SD3: both CLIP encoders; FLUX: CLIP).
+    ``prompt_embeds``: (N, L, D) token embeddings (SD3: CLIP and T5 tokens; FLUX.1: T5 tokens;
+    Qwen-Image, FLUX.2 and Z-Image: the Qwen text model's hidden states).
+    ``pooled``: (N, P) pooled embeddings, for the families that have them (SD3: both CLIP
+    encoders; FLUX.1: CLIP); None otherwise.
+    ``mask``: (N, L) bool, True for a real token, for the families whose prompts have different
+    lengths (Qwen-Image, Z-Image): rows are padded with zeros to a common length. None: every
+    token is real.
     """
 
     prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.prompt_embeds.shape[0] != self.pooled.shape[0]:
-            raise ValueError(
-                f"prompt_embeds has {self.prompt_embeds.shape[0]} rows but pooled has {self.pooled.shape[0]}"
-            )
+        n, length = self.prompt_embeds.shape[:2]
+        if self.pooled is not None and self.pooled.shape[0] != n:
+            raise ValueError(f"prompt_embeds has {n} rows but pooled has {self.pooled.shape[0]}")
+        if self.mask is not None and (self.mask.shape != (n, length) or self.mask.dtype != torch.bool):
+            raise ValueError(f"mask must be bool of shape ({n}, {length}), got {self.mask.dtype} {tuple(self.mask.shape)}")
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name (what the embedding cache stores)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def _map(self, fn) -> PromptEmbeds:
+        return PromptEmbeds(**{name: fn(name, value) for name, value in self.tensors().items()})
+
     def index(self, idx: torch.Tensor | Sequence[int]) -> PromptEmbeds:
         """Rows ``idx`` (LongTensor (M,), repeats allowed) as a new PromptEmbeds of M images."""
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.prompt_embeds.device)
-        return PromptEmbeds(self.prompt_embeds[idx], self.pooled[idx])
+        return self._map(lambda name, value: value[idx])
 
-    def to(self, *args, **kwargs) -> PromptEmbeds:
-        """Same as ``Tensor.to`` on every field (device and/or dtype)."""
-        return PromptEmbeds(*(getattr(self, f.name).to(*args, **kwargs) for f in fields(self)))
+    def to(self, target: torch.device | str | torch.dtype) -> PromptEmbeds:
+        """On another device, or with the embeddings in another dtype (the mask stays bool)."""
+        if isinstance(target, torch.dtype):
+            return self._map(lambda name, value: value if name == "mask" else value.to(target))
+        return self._map(lambda name, value: value.to(target))
+
+    def token_mask(self) -> torch.Tensor:
+        """(N, L) bool: ``mask``, or all True when it is None."""
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(self.prompt_embeds.shape[:2], dtype=torch.bool, device=self.prompt_embeds.device)
+
+    def trimmed(self) -> PromptEmbeds:
+        """Without the trailing token columns that are padding in every row (masked families only)."""
+        if self.mask is None or len(self) == 0:
+            return self
+        real = self.mask.any(dim=0).nonzero()
+        length = int(real[-1]) + 1 if len(real) else 1
+        if length == self.mask.shape[1]:
+            return self
+        return PromptEmbeds(self.prompt_embeds[:, :length], self.pooled, self.mask[:, :length])
+
+    def padded(self, length: int) -> PromptEmbeds:
+        """Padded with masked zero tokens to ``length`` tokens (at least the current length)."""
+        pad = length - self.prompt_embeds.shape[1]
+        if pad < 0:
+            raise ValueError(f"cannot pad {self.prompt_embeds.shape[1]} tokens to {length}")
+        if pad == 0 and self.mask is None:
+            return self
+        embeds = torch.nn.functional.pad(self.prompt_embeds, (0, 0, 0, pad))
+        mask = torch.nn.functional.pad(self.token_mask(), (0, pad), value=False)
+        return PromptEmbeds(embeds, self.pooled, mask)
 
     @staticmethod
     def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
-        """Rows of ``parts`` one after the other."""
+        """Rows of ``parts`` one after the other; parts of different lengths are padded (masked)."""
         if not parts:
             raise ValueError("PromptEmbeds.cat needs at least one part")
-        return PromptEmbeds(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PromptEmbeds)))
+        if len({p.pooled is None for p in parts}) > 1:
+            raise ValueError("PromptEmbeds.cat: some parts have pooled embeddings and some do not")
+        length = max(p.prompt_embeds.shape[1] for p in parts)
+        if any(p.mask is not None or p.prompt_embeds.shape[1] != length for p in parts):
+            parts = [p.padded(length) for p in parts]
+        return PromptEmbeds(**{name: torch.cat([p.tensors()[name] for p in parts]) for name in parts[0].tensors()})
 
 
 class FlowModel(nn.Module):
     """A frozen flow-matching text-to-image pipeline; subclasses implement one model family.
 
-    ``max_sequence_length``: T5 tokens per prompt (None: the family's default). A pipeline
-    without T5 (the tiny model) still appends that many zero tokens, so it must match the
-    value the model was trained with. ``offload_text_encoders``: keep the text encoders on
+    ``max_sequence_length``: text tokens per prompt (None: the family's default; SD3 and FLUX.1:
+    T5 tokens). An SD3 pipeline without T5 (the tiny model) still appends that many zero tokens,
+    so it must match the value the model was trained with. ``offload_text_encoders``: keep the text encoders on
     the CPU and move them to the model's device only while `encode` runs.
     ``decode_batch_size``: most images per VAE call in `decode`.
     """
@@ -98,6 +152,7 @@ class FlowModel(nn.Module):
     family: str = ""
     pipeline_class: type[DiffusionPipeline]
     default_max_sequence_length: int = 256
+    negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
     _patch: int  # latent cells per transformer token along each side
     _latent_channels: int
 
@@ -115,6 +170,7 @@ class FlowModel(nn.Module):
         if max_sequence_length is not None and max_sequence_length < 1:
             raise UserInputError(f"max_sequence_length must be >= 1 (None: the default), got {max_sequence_length}")
         self.pipe = pipe
+        self.pipeline_class = type(pipe)  # what exported LoRAs are written for
         self.transformer = pipe.transformer
         self._dtype = pipe.transformer.dtype  # of the base weights (a LoRA added later is float32)
         self.vae = pipe.vae
@@ -154,8 +210,13 @@ class FlowModel(nn.Module):
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell along each side."""
+        """Pixels per VAE latent cell along each side."""
         return self.pipe.vae_scale_factor
+
+    @property
+    def _latent_scale(self) -> int:
+        """Pixels per cell of the latents callers see (FLUX.2's are 2x2-patchified VAE latents)."""
+        return self.vae_scale_factor
 
     def train(self, mode: bool = True) -> FlowModel:
         """Train/eval mode of the transformer only; the VAE and text encoders stay in eval mode."""
@@ -171,7 +232,8 @@ class FlowModel(nn.Module):
 
         Read from ``embedding_cache`` (`tpgrpo.embedding_cache.EmbeddingCache`) when it holds
         them all; otherwise each distinct prompt is encoded once, so a batch of groups costs one
-        pass per prompt.
+        pass per prompt. Padding columns that no row needs are dropped (masked families), so
+        the transformer sees as many text tokens as the longest of ``prompts`` has.
         """
         if isinstance(prompts, str) or not prompts:
             raise ValueError("encode needs a non-empty list of prompts")
@@ -179,7 +241,7 @@ class FlowModel(nn.Module):
         position = {p: i for i, p in enumerate(unique)}
         cached = self.embedding_cache.lookup(unique) if self.embedding_cache is not None else None
         embeds = cached.to(self.device) if cached is not None else self.encode_uncached(unique)
-        return embeds.index([position[p] for p in prompts])
+        return embeds.index([position[p] for p in prompts]).trimmed()
 
     @torch.no_grad()
     def encode_uncached(self, prompts: Sequence[str]) -> PromptEmbeds:
@@ -194,9 +256,9 @@ class FlowModel(nn.Module):
         self.offload_text_encoders = True
 
     def negative(self, n: int) -> PromptEmbeds:
-        """Embeddings of the empty prompt for ``n`` images (the CFG unconditional branch), cached."""
+        """Embeddings of ``negative_prompt`` for ``n`` images (the CFG unconditional branch), cached."""
         if self._negative is None:
-            self._negative = self.encode([""])
+            self._negative = self.encode([self.negative_prompt])
         return self._negative.to(self.device).index(torch.zeros(n, dtype=torch.long))
 
     @contextmanager
@@ -217,13 +279,13 @@ class FlowModel(nn.Module):
     def latent_shape(self, resolution: Resolution) -> tuple[int, int, int]:
         """(C, h, w) of the latents of an image of ``resolution`` pixels (int or (H, W))."""
         height, width = _pair(resolution)
-        multiple = self.vae_scale_factor * self._patch
+        multiple = self._latent_scale * self._patch
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise UserInputError(
                 f"resolution {height}x{width} must be a positive multiple of {multiple} "
-                f"(VAE factor {self.vae_scale_factor} x patch {self._patch}) for this model"
+                f"(latent factor {self._latent_scale} x patch {self._patch}) for this model"
             )
-        return self._latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
+        return self._latent_channels, height // self._latent_scale, width // self._latent_scale
 
     def initial_noise(
         self,
@@ -252,18 +314,22 @@ class FlowModel(nn.Module):
         if scheduler.config.get("use_dynamic_shifting", False):
             if resolution is None:
                 raise ValueError(f"sigmas() needs the resolution for {type(self).__name__}: its schedule depends on it")
-            kwargs["mu"] = self._mu(resolution)
+            kwargs["mu"] = self._mu(resolution, num_steps)
         scheduler.set_timesteps(num_steps, sigmas=self._base_sigmas(num_steps), **kwargs)
         return scheduler.sigmas.to(dtype=torch.float32, device="cpu")
 
-    def _mu(self, resolution: Resolution) -> float:
-        """The scheduler's resolution-dependent shift for this image size (diffusers' formula)."""
+    def _image_tokens(self, resolution: Resolution) -> int:
+        """Image tokens the transformer sees at ``resolution``."""
         _, h, w = self.latent_shape(resolution)
+        return (h // self._patch) * (w // self._patch)
+
+    def _mu(self, resolution: Resolution, num_steps: int) -> float:
+        """The scheduler's resolution-dependent shift for this image size (diffusers' formula)."""
         config = self.pipe.scheduler.config
         names = {"base_seq_len": "base_image_seq_len", "max_seq_len": "max_image_seq_len",
                  "base_shift": "base_shift", "max_shift": "max_shift"}
         kwargs = {arg: config[key] for arg, key in names.items() if config.get(key) is not None}
-        return calculate_shift((h // self._patch) * (w // self._patch), **kwargs)
+        return calculate_shift(self._image_tokens(resolution), **kwargs)
 
     def _base_sigmas(self, num_steps: int) -> list[float] | None:
         """Unshifted sigmas the family's pipeline passes to the scheduler (None: its default)."""
@@ -311,14 +377,16 @@ class FlowModel(nn.Module):
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Images (N, 3, H, W) float32 in [0, 1] from latents (N, C, h, w), ``batch_size`` per VAE call."""
         batch_size = batch_size or self.decode_batch_size
-        config = self.vae.config
-        shift = config.shift_factor or 0.0
         images = []
         for chunk in latents.split(batch_size):
-            x = chunk.to(device=self.vae.device, dtype=self.vae.dtype) / config.scaling_factor + shift
-            decoded = self.vae.decode(x, return_dict=False)[0]
+            decoded = self._decode_latents(chunk.to(device=self.vae.device, dtype=self.vae.dtype))
             images.append(self.pipe.image_processor.postprocess(decoded, output_type="pt").float())
         return torch.cat(images)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE output in [-1, 1] of latents in the VAE's dtype (the SD3 / FLUX.1 scaling and shift)."""
+        config = self.vae.config
+        return self.vae.decode(latents / config.scaling_factor + (config.shift_factor or 0.0), return_dict=False)[0]
 
 
 class SD3Model(FlowModel):
@@ -395,18 +463,17 @@ class FluxModel(FlowModel):
         return PromptEmbeds(embeds, pooled)
 
     def _base_sigmas(self, num_steps: int) -> list[float]:
-        return np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+        return linear_sigmas(num_steps)
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) -> (N, h·w/4, 4C) tokens of 2x2 patches, as FLUX's transformer reads them."""
-        n, c, h, w = latents.shape
-        return FluxPipeline._pack_latents(latents, n, c, h, w)
+        return pack_2x2(latents)
 
-    def unpack(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    @staticmethod
+    def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Inverse of `pack`: (N, h·w/4, 4C) -> (N, C, h, w)."""
-        factor = self.vae_scale_factor
-        return FluxPipeline._unpack_latents(tokens, h * factor, w * factor, factor)
+        return unpack_2x2(tokens, h, w)
 
     def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
         if uncond is not None:
@@ -430,9 +497,214 @@ class FluxModel(FlowModel):
         return self.unpack(out.float(), h, w)
 
 
+class QwenImageModel(FlowModel):
+    """Qwen-Image (`QwenImagePipeline`): Qwen2.5-VL hidden states and an MMDiT on 2x2 patches.
+
+    Prompts are padded to ``max_sequence_length`` tokens and masked. Classifier-free guidance
+    (the pipeline's "true CFG") batches the negative prompt " " (Qwen-Image's examples) with the
+    prompts, ``v = v_u + g·(v_c - v_u)``, then rescales each image token to the norm of ``v_c``
+    as the pipeline does. Sigmas shift with the image size.
+    """
+
+    family = "qwenimage"
+    pipeline_class = QwenImagePipeline
+    default_max_sequence_length = 512
+    negative_prompt = " "
+    _patch = 2
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
+        embeds, mask = self.pipe.encode_prompt(
+            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return PromptEmbeds(embeds, mask=None if mask is None else mask.bool()).padded(self.max_sequence_length)
+
+    def _base_sigmas(self, num_steps: int) -> list[float]:
+        return linear_sigmas(num_steps)
+
+    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
+        n, _, h, w = latents.shape
+        guided = guidance_scale > 1.0
+        if guided:
+            uncond = uncond if uncond is not None else self.negative(n)
+            cond = PromptEmbeds.cat([uncond.to(latents.device), cond])
+            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+        cond = cond.to(self.dtype)
+        rows = len(cond)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((rows,), float(guidance_scale), device=latents.device, dtype=torch.float32)
+        out = transformer(
+            hidden_states=pack_2x2(latents.to(self.dtype)),
+            timestep=sigma,
+            guidance=guidance,
+            encoder_hidden_states=cond.prompt_embeds,
+            encoder_hidden_states_mask=None if cond.mask is None or cond.mask.all() else cond.mask,
+            img_shapes=[[(1, h // 2, w // 2)]] * rows,
+            return_dict=False,
+        )[0].float()
+        if guided:
+            v_uncond, v_cond = out.chunk(2)
+            combined = v_uncond + guidance_scale * (v_cond - v_uncond)
+            out = combined * (v_cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+        return unpack_2x2(out, h, w)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        frames = latents.unsqueeze(2) / inverse_std + mean  # the VAE is a video VAE: one frame
+        return self.vae.decode(frames, return_dict=False)[0][:, :, 0]
+
+
+class Flux2Model(FlowModel):
+    """FLUX.2 [klein] (`Flux2KleinPipeline`): Qwen3 hidden states of three layers and a FLUX-style
+    transformer with 4-axis rotary position ids.
+
+    Latents are the VAE's latents in 2x2 patches, normalised by the VAE's batch-norm statistics,
+    (N, 4C, H/16, W/16), as the pipeline draws them; the transformer reads them as raster-order
+    tokens. Prompts are padded to ``max_sequence_length`` tokens and not masked (as the pipeline
+    does). Guidance: the base models use classifier-free guidance with the empty prompt; a
+    step-distilled model (``is_distilled``) takes none, so ``guidance_scale`` must be 1. The
+    sigma schedule's shift depends on the image size and the number of steps (FLUX.2's rule).
+    """
+
+    family = "flux2"
+    pipeline_class = Flux2KleinPipeline
+    default_max_sequence_length = 512
+    _patch = 1
+
+    @property
+    def _latent_scale(self) -> int:
+        return self.vae_scale_factor * 2
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return PromptEmbeds(embeds)
+
+    def _base_sigmas(self, num_steps: int) -> list[float] | None:
+        return None if self.pipe.scheduler.config.get("use_flow_sigmas") else linear_sigmas(num_steps)
+
+    def _mu(self, resolution: Resolution, num_steps: int) -> float:
+        return compute_empirical_mu(self._image_tokens(resolution), num_steps)
+
+    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
+        n, c, h, w = latents.shape
+        guided = guidance_scale > 1.0
+        if guided and self.pipe.config.get("is_distilled", False):
+            raise UserInputError(
+                f"guidance_scale {guidance_scale}: this FLUX.2 model is step-distilled and takes no guidance; use 1"
+            )
+        if guided:
+            uncond = uncond if uncond is not None else self.negative(n)
+            cond = PromptEmbeds.cat([uncond.to(latents.device), cond])
+            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+        cond = cond.to(self.dtype)
+        tokens = latents.to(self.dtype).flatten(2).transpose(1, 2)
+        out = transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=cond.prompt_embeds,
+            timestep=sigma,
+            img_ids=self.pipe._prepare_latent_ids(latents).to(latents.device),
+            txt_ids=self.pipe._prepare_text_ids(cond.prompt_embeds).to(latents.device),
+            guidance=None,
+            return_dict=False,
+        )[0]
+        out = out[:, : h * w].float().transpose(1, 2).reshape(len(cond), c, h, w)
+        if not guided:
+            return out
+        v_uncond, v_cond = out.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        norm = self.vae.bn
+        mean = norm.running_mean.view(1, -1, 1, 1).to(latents)
+        std = torch.sqrt(norm.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(latents)
+        return self.vae.decode(self.pipe._unpatchify_latents(latents * std + mean), return_dict=False)[0]
+
+
+class ZImageModel(FlowModel):
+    """Z-Image (`ZImagePipeline`): Qwen3 hidden states and a single-stream DiT.
+
+    Prompts are padded to ``max_sequence_length`` tokens and masked; the transformer takes each
+    image's real tokens. Its output is the negative of the flow velocity (`velocity` flips it) and
+    its timestep is ``1 - sigma``. Classifier-free guidance with the empty prompt is
+    ``v = v_u + g·(v_c - v_u)``: ``guidance_scale`` g here is the pipeline's ``guidance_scale + 1``
+    (1 disables it; Z-Image-Turbo takes none).
+    """
+
+    family = "zimage"
+    pipeline_class = ZImagePipeline
+    default_max_sequence_length = 512
+    _patch = 2
+
+    @property
+    def _latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=list(prompts),  # the pipeline rewrites the list in place
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        rows = [PromptEmbeds(e[None], mask=torch.ones(1, len(e), dtype=torch.bool, device=e.device)) for e in embeds]
+        return PromptEmbeds.cat(rows).padded(self.max_sequence_length)
+
+    def _base_sigmas(self, num_steps: int) -> list[float]:
+        return linear_sigmas(num_steps)
+
+    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
+        guided = guidance_scale > 1.0
+        if guided:
+            uncond = uncond if uncond is not None else self.negative(len(cond))
+            cond = PromptEmbeds.cat([uncond.to(latents.device), cond])
+            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+        cond = cond.to(self.dtype)
+        captions = [embeds[mask] for embeds, mask in zip(cond.prompt_embeds, cond.token_mask())]
+        frames = list(latents.to(self.dtype).unsqueeze(2).unbind(0))
+        out = transformer(frames, 1.0 - sigma, captions, return_dict=False)[0]
+        velocity = -torch.stack([frame.float() for frame in out]).squeeze(2)
+        if not guided:
+            return velocity
+        v_uncond, v_cond = velocity.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def linear_sigmas(num_steps: int) -> list[float]:
+    """The unshifted sigmas FLUX, Qwen-Image and Z-Image pass to the scheduler: 1 to 1/T, evenly."""
+    return np.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+
+
+def pack_2x2(latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, h·w/4, 4C): 2x2 patches as tokens, in raster order (FLUX.1, Qwen-Image)."""
+    n, c, h, w = latents.shape
+    return latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_2x2(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack_2x2`: (N, h·w/4, 4C) -> (N, C, h, w)."""
+    n, _, channels = tokens.shape
+    c = channels // 4
+    return tokens.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
 PIPELINE_FAMILIES: dict[str, type[FlowModel]] = {
     "StableDiffusion3Pipeline": SD3Model,
     "FluxPipeline": FluxModel,
+    "QwenImagePipeline": QwenImageModel,
+    "Flux2KleinPipeline": Flux2Model,
+    "ZImagePipeline": ZImageModel,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -447,12 +719,12 @@ def load_flow_model(
     decode_batch_size: int = 16,
     local_files_only: bool = False,
 ) -> FlowModel:
-    """Load an SD3 or FLUX pipeline from a local folder or a hub id as a frozen `FlowModel`.
+    """Load a supported pipeline (`PIPELINE_FAMILIES`) from a local folder or a hub id as a frozen `FlowModel`.
 
     ``pretrained_path``: a folder written by ``save_pretrained`` (with model_index.json), or
     a hub id such as ``stabilityai/stable-diffusion-3.5-medium`` / ``black-forest-labs/FLUX.1-dev``
-    (downloaded once into the Hugging Face cache). ``family``: "auto" (from model_index.json),
-    "sd3" or "flux". ``dtype``: of every component. ``local_files_only``: never use the
+    (downloaded once into the Hugging Face cache). ``family``: "auto" (from model_index.json)
+    or a family name ("sd3", "flux", "qwenimage", "flux2", "zimage"). ``dtype``: of every component. ``local_files_only``: never use the
     network (hub ids must then be cached). The remaining arguments go to `FlowModel`.
     Components missing from the folder (no T5, no image encoder) are loaded as None.
     """

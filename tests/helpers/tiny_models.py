@@ -1,6 +1,19 @@
 """Tiny random stand-ins of the real model classes, built offline (no download)."""
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPConfig,
@@ -17,6 +30,11 @@ from transformers import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerImageProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3Model,
     SwinConfig,
     T5Config,
     T5EncoderModel,
@@ -122,6 +140,97 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS
     )
+
+
+# the Qwen chat format the FLUX.2 [klein] and Z-Image pipelines apply to each prompt
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_tokenizer():
+    """`tiny_tokenizer` with a Qwen-style chat template."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _special_ids(tokenizer):
+    return dict(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def _qwen3(tokenizer, model_class, num_layers, hidden_size):
+    return model_class(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=32, num_hidden_layers=num_layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+        **_special_ids(tokenizer),
+    ))
+
+
+def _small_vae(vae_class, **kwargs):
+    """A 2x VAE of width 16 (32x32 images, 16x16 latents)."""
+    return vae_class(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32, **kwargs,
+    )
+
+
+def tiny_qwenimage_pipeline(seed: int = 0) -> QwenImagePipeline:
+    """Qwen-Image with one transformer block, a 1-layer Qwen2.5-VL of width 16 and a 2x video VAE
+    (32x32 images, 16x16x4 latents); the scheduler is Qwen-Image's (dynamic shift, terminal 0.02)."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, **_special_ids(tokenizer)),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+                           fullatt_block_indexes=[0]),
+        vocab_size=len(tokenizer), **_special_ids(tokenizer),
+    ))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.8, 1.2])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False) -> Flux2KleinPipeline:
+    """FLUX.2 [klein] with one double and one single block, a 28-layer Qwen3 of width 8 (the
+    pipeline stacks layers 9, 18 and 27) and a 2x VAE (32x32 images, 8x8x16 patchified latents)."""
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = _qwen3(tokenizer, Qwen3ForCausalLM, num_layers=28, hidden_size=8)
+    vae = _small_vae(AutoencoderKLFlux2)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=is_distilled)
+
+
+def tiny_zimage_pipeline(seed: int = 0) -> ZImagePipeline:
+    """Z-Image with one main and one refiner block each, a 2-layer Qwen3 of width 16 and a 2x VAE
+    (32x32 images, 16x16x4 latents); the scheduler is Z-Image's (static shift 3)."""
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = _qwen3(tokenizer, Qwen3Model, num_layers=2, hidden_size=16)
+    vae = _small_vae(AutoencoderKL, scaling_factor=0.5, shift_factor=0.1)
+    transformer = ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+                                           n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
 
 
 def save_tiny_got_ocr2(path):

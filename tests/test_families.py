@@ -1,0 +1,246 @@
+"""The model families behind `FlowModel` beyond SD3 and FLUX.1 (Qwen-Image, FLUX.2 [klein], Z-Image),
+each on a tiny random pipeline of its real diffusers and transformers classes, built offline:
+sampling equals the family's own diffusers pipeline, a prompt's velocity does not depend on
+its batch, the rollout engine equals the sequential reference, LoRA and FSDP2 find the blocks,
+the embedding cache keeps masks, a saved folder is recognised, and a 2-step ``fit`` through
+the CLI trains only the LoRA, whose export loads with the family's own ``load_lora_weights``."""
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.tiny_models import tiny_flux2_klein_pipeline, tiny_qwenimage_pipeline, tiny_zimage_pipeline
+from tpgrpo.distributed import Collectives, transformer_blocks
+from tpgrpo.embedding_cache import EmbeddingCache
+from tpgrpo.errors import UserInputError
+from tpgrpo.lora import DEFAULT_TARGET_MODULES, add_lora, disabled_adapter
+from tpgrpo.memory import is_lora_target
+from tpgrpo.pipelines import (
+    PIPELINE_FAMILIES,
+    Flux2Model,
+    FlowModel,
+    ModelLoadError,
+    QwenImageModel,
+    ZImageModel,
+    load_flow_model,
+    pack_2x2,
+)
+from tpgrpo.rollout import rollout, rollout_sequential
+
+PROMPTS = ["a photo of two red circles", "a blue square"]
+RESOLUTION = 32
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Callable
+    model_class: type
+    max_sequence_length: int  # the byte-level tokenizer spends a token per character of the chat template
+    blocks: int  # repeated blocks of the tiny transformer
+
+    def pipeline_kwargs(self, noise: torch.Tensor, guidance: float) -> dict:
+        """The family pipeline's arguments for our latents and our guidance convention."""
+        if self.name == "qwenimage":  # packed latents; "true CFG" needs a negative prompt
+            extra = {"negative_prompt": " ", "true_cfg_scale": guidance} if guidance > 1 else {}
+            return {"latents": pack_2x2(noise), **extra}
+        if self.name == "zimage":  # its guidance_scale g: v = pos + g (pos - neg), ours minus one
+            return {"latents": noise, "guidance_scale": guidance - 1}
+        return {"latents": noise, "guidance_scale": guidance}
+
+
+FAMILIES = [
+    Family("qwenimage", tiny_qwenimage_pipeline, QwenImageModel, 200, blocks=1),
+    Family("flux2", tiny_flux2_klein_pipeline, Flux2Model, 96, blocks=2),
+    Family("zimage", tiny_zimage_pipeline, ZImageModel, 96, blocks=3),
+]
+BY_NAME = {family.name: family for family in FAMILIES}
+ids = [family.name for family in FAMILIES]
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=ids)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return FlowModel.from_pipeline(family.build(), max_sequence_length=family.max_sequence_length)
+
+
+def euler_sample(model, noise, prompts, num_steps, guidance):
+    cond = model.encode(prompts)
+    sigmas = model.sigmas(num_steps, RESOLUTION).tolist()
+    x = noise
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + model.velocity(x, sigma, cond, guidance) * (sigma_next - sigma)
+    return model.decode(x)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_sampling_equals_the_familys_diffusers_pipeline(family, model, guidance):
+    """Sigmas (with the family's shift), timestep and sign conventions, packing, position ids,
+    masks, guidance and VAE decoding together, against the pipeline's own loop."""
+    noise = model.initial_noise(2, RESOLUTION, torch.Generator().manual_seed(0))
+    ours = euler_sample(model, noise, PROMPTS, 3, guidance)
+    theirs = model.pipe(
+        prompt=PROMPTS, height=RESOLUTION, width=RESOLUTION, num_inference_steps=3, output_type="pt",
+        max_sequence_length=family.max_sequence_length, **family.pipeline_kwargs(noise, guidance),
+    ).images
+    assert ours.shape == (2, 3, RESOLUTION, RESOLUTION) and 0 <= ours.min() and ours.max() <= 1
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_family_is_recognised_and_shapes_are_consistent(family, model):
+    assert isinstance(model, family.model_class) and model.family == family.name
+    assert PIPELINE_FAMILIES[type(model.pipe).__name__] is family.model_class
+    channels, h, w = model.latent_shape(RESOLUTION)
+    noise = model.initial_noise(3, RESOLUTION, torch.Generator().manual_seed(1))
+    assert noise.shape == (3, channels, h, w)
+    velocity = model.velocity(noise, torch.tensor([0.9, 0.5, 0.1]), model.encode([PROMPTS[0]] * 3), 4.0)
+    assert velocity.shape == noise.shape and velocity.dtype == torch.float32 and velocity.isfinite().all()
+    assert model.decode(noise).shape == (3, 3, RESOLUTION, RESOLUTION)
+    with pytest.raises(UserInputError, match="must be a positive multiple of"):
+        model.latent_shape(RESOLUTION + 2)
+    sigmas = model.sigmas(6, RESOLUTION)
+    assert sigmas.shape == (7,) and sigmas[0] == 1 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
+
+
+def test_a_prompts_velocity_does_not_depend_on_its_batch(model):
+    """Prompts of different lengths are padded and masked (Qwen-Image, Z-Image) or padded to a
+    fixed length (FLUX.2): an image's velocity is the same alone or next to a longer prompt."""
+    both = model.encode(["a cat", "a very long prompt about a small red cube on a large wooden table"])
+    alone = model.encode(["a cat"])
+    if both.mask is not None:
+        lengths = both.mask.sum(dim=1)
+        assert lengths[0] < lengths[1] == both.prompt_embeds.shape[1]  # trimmed to the longest
+        assert alone.prompt_embeds.shape[1] == lengths[0]
+    x = model.initial_noise(1, RESOLUTION, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        in_batch = model.velocity(torch.cat([x, x]), 0.7, both, 4.0)[:1]
+        torch.testing.assert_close(in_batch, model.velocity(x, 0.7, alone, 4.0), atol=1e-5, rtol=1e-5)
+
+
+def test_the_rollout_engine_equals_the_sequential_reference(model):
+    cond = model.encode(PROMPTS)
+
+    def velocity_fn(latents, sigma, rows):
+        with torch.no_grad():
+            return model.velocity(latents, sigma, cond.index(rows), 4.0)
+
+    start = model.initial_noise(2, RESOLUTION, torch.Generator().manual_seed(3))
+    args = (velocity_fn, start, model.sigmas(4, RESOLUTION), 0, 3, 0.7)
+    reference = rollout_sequential(*args, generator=torch.Generator().manual_seed(4))
+    engine = rollout(*args, generator=torch.Generator().manual_seed(4), max_batch=5)
+    assert engine.nfe_per_image < reference.nfe_per_image
+    for name in ("states", "log_probs", "final_latents"):
+        torch.testing.assert_close(getattr(engine, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_adapts_every_block_and_fsdp2_shards_each(family):
+    transformer = family.build().transformer
+    blocks = transformer_blocks(transformer)
+    assert len(blocks) == family.blocks
+    add_lora(transformer, rank=2, alpha=4, family=family.name)
+    targets = DEFAULT_TARGET_MODULES[family.name]
+    for block in blocks:
+        adapted = [name for name, _ in block.named_parameters() if "lora_A" in name]
+        assert adapted and all(is_lora_target(name.split(".lora_A")[0], targets) for name in adapted)
+    trainable = [name for name, p in transformer.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_the_embedding_cache_keeps_masks(model, tmp_path):
+    prompts = ["", "a cat", "a photo of two red circles"]
+    cache = EmbeddingCache(tmp_path, "key", prompts)
+    cache.build(model, Collectives())
+    cache.open()
+    expected = model.encode_uncached(prompts[1:])
+    got = cache.lookup(prompts[1:])
+    assert got.tensors().keys() == expected.tensors().keys()
+    for name, value in expected.tensors().items():
+        torch.testing.assert_close(got.tensors()[name], value, atol=1e-6, rtol=1e-5)
+    cache.check(model, prompts[1:])
+
+
+def test_a_saved_folder_is_recognised(family, model, tmp_path):
+    model.pipe.save_pretrained(tmp_path)
+    loaded = load_flow_model(tmp_path, max_sequence_length=family.max_sequence_length)
+    assert type(loaded) is family.model_class
+    x = model.initial_noise(1, RESOLUTION, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model.velocity(x, 0.4, model.encode(PROMPTS[:1]), 4.0)
+        torch.testing.assert_close(loaded.velocity(x, 0.4, loaded.encode(PROMPTS[:1]), 4.0), expected)
+    other = "sd3"
+    with pytest.raises(ModelLoadError, match=f"but family='{other}' was asked"):
+        load_flow_model(tmp_path, family=other)
+
+
+def test_a_step_distilled_flux2_refuses_guidance():
+    model = FlowModel.from_pipeline(tiny_flux2_klein_pipeline(is_distilled=True), max_sequence_length=96)
+    x = model.initial_noise(1, RESOLUTION)
+    cond = model.encode(PROMPTS[:1])
+    assert model.velocity(x, 0.5, cond, 1.0).shape == x.shape
+    with pytest.raises(UserInputError, match="step-distilled and takes no guidance; use 1"):
+        model.velocity(x, 0.5, cond, 4.0)
+
+
+# ------------------------------------------------------------------- training through the CLI
+SHORT = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+         "--data.prompts_per_step=1", "--data.group_size=2", "--data.val_prompts=null", "--trainer.max_steps=2",
+         "--trainer.enable_progress_bar=false", "--images.every_n_train_steps=0",
+         "--model.rewards={jpeg_incompressibility: 1.0}", f"--model.sampling.resolution={RESOLUTION}",
+         "--model.update.train_micro_batch=2", "--model.update.max_latents_per_call=2",
+         "--model.sampling.rollout_max_batch=8", "--model.lora.rank=2", "--model.lora.alpha=4",
+         # float32 on one CPU process, so the exported LoRA can be compared exactly
+         "--model.weights_dtype=float32", "--trainer.precision=32-true", "--trainer.strategy=auto"]
+CONFIGS = {"qwenimage": "configs/qwenimage.yaml", "flux2": "configs/flux2_klein.yaml", "zimage": "configs/zimage.yaml"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ids)
+def test_fit_trains_only_lora_and_the_export_loads_with_the_pipelines_own_loader(tmp_path, name):
+    from diffusers import DiffusionPipeline
+
+    from tpgrpo import export
+    from tpgrpo.cli import build_cli
+
+    family = BY_NAME[name]
+    folder = tmp_path / "model"
+    family.build().save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a dog\na red cat on a bench\n")
+    args = ["--config", CONFIGS[name], f"--model.pretrained_path={folder}",
+            f"--model.max_sequence_length={family.max_sequence_length}", f"--data.train_prompts={prompts}",
+            "--data.test_prompts=null", *SHORT, f"--model.prompt_cache.folder={tmp_path / 'embeddings'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
+    cli = build_cli(args, run=False)
+    module = cli.model
+    assert module.flow.family == name
+    assert module.prompt_cache.enabled  # the config's: the (masked) embeddings come from the cache
+    before = {key: value.clone() for key, value in module.transformer.state_dict().items()}
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2 and module.flow.embedding_cache is not None
+    after = module.transformer.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before if "lora_" not in key)
+    assert any(not torch.equal(before[key], after[key]) for key in before if "lora_B" in key)
+
+    out = tmp_path / "lora"
+    export.main(["--ckpt", cli.trainer.checkpoint_callback.last_model_path, "--no-ema", "--out", str(out)])
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    fresh = FlowModel.from_pipeline(pipe, max_sequence_length=family.max_sequence_length)
+    x = fresh.initial_noise(1, RESOLUTION, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cond = fresh.encode(PROMPTS[:1])
+        base = fresh.velocity(x, 0.6, cond, 1.0)
+        pipe.load_lora_weights(out)
+        adapted = fresh.velocity(x, 0.6, cond, 1.0)
+        trained = module.flow.velocity(x, 0.6, cond, 1.0, transformer=module.transformer)
+        with disabled_adapter(module.transformer):
+            reference = module.flow.velocity(x, 0.6, cond, 1.0, transformer=module.transformer)
+    assert not torch.allclose(adapted, base)
+    torch.testing.assert_close(adapted, trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference, base, atol=1e-5, rtol=1e-5)
