@@ -21,7 +21,8 @@ pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them ou
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "tpgrpo" / "tiny" / "MODEL_CARD.md",
-        *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md", "memory.md", "tasks.md"))]
+        *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md", "memory.md", "tasks.md",
+                                             "models.md"))]
 COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
 
 # Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.
@@ -89,7 +90,8 @@ def python_argv(command: str, placeholders: dict[str, str]) -> list[str]:
 
 
 def needs_real_weights(command: str) -> bool:
-    return "configs/sd3.yaml" in command or "configs/flux.yaml" in command or "/models/" in command
+    """A real model's config (any but tiny.yaml and the task files) or a local model folder."""
+    return bool(re.search(r"configs/(?!tiny\.yaml|tasks/)\w+\.yaml", command)) or "/models/" in command
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -133,7 +135,7 @@ def check_export(command: str, work: Path, checkpoint: Path) -> None:
 def check_demo(command: str, work: Path) -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^demo:.*\n\t\$\(BIN\)/(python -m tpgrpo\.demo .*)$", makefile, re.M).group(1)
-    argv = python_argv(recipe, {})
+    argv = python_argv(recipe if command == "make demo" else command, {})
     result = run([*argv, f"--out={work / 'demo'}", *SHORT_FIT, "--data.val_prompts=data/shapes/test.jsonl",
                   f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work / 'logs'}"])
     assert "held-out before training" in result.stdout and "standard errors" in result.stdout
@@ -248,13 +250,21 @@ def check_memory(command: str, work: Path) -> None:
     assert "| **total, text encoders on device** |" in printed and "| transformer (frozen) |" in printed
 
 
-SLOW = {"check_pretrain", "check_benchmark", "check_torchrun"}
+def check_seeded_demo(command: str, work: Path) -> None:
+    """`make demo` with another seed (and output folder): the same check, in the slow set."""
+    assert "--seed_everything" in command
+    check_demo(command, work)
+
+
+SLOW = {"check_pretrain", "check_benchmark", "check_torchrun", "check_seeded_demo"}
 
 
 def check_for(command: str):
     """The check of one documented command (None: no check, which fails the test below)."""
     if command == "make demo":
         return check_demo
+    if command.startswith("python -m tpgrpo.demo "):
+        return check_seeded_demo
     if command.startswith(("srun ", "sbatch ")) or command.startswith("python -m tpgrpo.rewards.geneval_server"):
         return check_help
     if command.startswith("python train.py "):
