@@ -93,6 +93,27 @@ def test_sd35_large_builds_on_the_meta_device_with_its_published_size():
     assert memory.lora_parameter_count("sd35-large", 16) == (38 * 8 - 1) * (2432 + 2432) * 16
 
 
+def test_the_newer_families_count_as_published():
+    qwen, klein, zimage = (memory.parameter_counts(name) for name in ("qwenimage", "flux2-klein-4b", "zimage"))
+    assert 20.3e9 <= qwen["transformer"] <= 20.5e9  # Qwen-Image: "20 B"
+    assert 8.2e9 <= qwen["text_encoder"] <= 8.3e9  # Qwen2.5-VL-7B with its vision tower, about 8.29 B
+    assert 3.8e9 <= klein["transformer"] <= 3.9e9  # FLUX.2 [klein] "4B"
+    assert 6.1e9 <= zimage["transformer"] <= 6.2e9  # Z-Image: "6 B"
+    assert 4.0e9 <= klein["text_encoder"] == zimage["text_encoder"] <= 4.05e9  # Qwen3-4B, embeddings tied
+    assert zimage["vae"] == memory.parameter_counts("flux")["vae"]  # FLUX.1's VAE
+
+
+@pytest.mark.parametrize("rank", [4, 32])
+def test_newer_family_lora_counts_match_the_projections_counted_by_hand(rank):
+    # Qwen-Image: 60 blocks of eight 3072x3072 projections. Z-Image: 30 main and 2 + 2 refiner blocks
+    # of four 3840x3840 ones. FLUX.2 [klein] 4B: 5 double blocks of eight 3072x3072 ones and 20 single
+    # blocks of one fused projection 3072 -> 3 x 3072 (q, k, v) + 2 x 9216 (the gated MLP's input).
+    assert memory.lora_parameter_count("qwenimage", rank) == 60 * 8 * (3072 + 3072) * rank
+    assert memory.lora_parameter_count("zimage", rank) == 34 * 4 * (3840 + 3840) * rank
+    fused = 3072 + 3 * 3072 + 2 * 9216
+    assert memory.lora_parameter_count("flux2-klein-4b", rank) == (5 * 8 * (3072 + 3072) + 20 * fused) * rank
+
+
 TINY_SD3 = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
                 pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
@@ -150,7 +171,7 @@ def test_released_text_encoders_take_no_accelerator_memory():
 
 
 def test_bad_arguments_are_user_errors():
-    with pytest.raises(UserInputError, match=r"unknown model 'sdxl'; use one of \['flux', 'sd3', 'sd35-large'\]"):
+    with pytest.raises(UserInputError, match=r"unknown model 'sdxl'; use one of \['flux', 'flux2-klein-4b', 'qwenimage', 'sd3', 'sd35-large', 'zimage'\]"):
         memory.parameter_counts("sdxl")
     with pytest.raises(UserInputError, match="strategy"):
         memory.memory_table("sd3", "bfloat16", "zero3", 8, 32)
@@ -182,3 +203,18 @@ def test_the_cli_prints_a_gib_table(capsys):
     assert 11.8e9 * 2 / GIB <= body["transformer (frozen)"][2] <= 12.0e9 * 2 / GIB
     # the LoRA row: 266 projections of 3072 -> 3072 at rank 16, float32
     assert body["LoRA weights"][0] == pytest.approx(266 * 6144 * 16 * 4 / GIB, abs=0.005)
+
+
+def test_the_tables_in_docs_memory_md_are_what_their_commands_print(capsys):
+    """Each ```bash block of docs/memory.md is followed by exactly what its command prints."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "memory.md").read_text()
+    commands = re.findall(r"```bash\npython -m tpgrpo\.memory (.*)\n```\n\n", text)
+    assert len(commands) == 6  # SD3.5 Medium and Large, FLUX.1, Qwen-Image, FLUX.2 [klein], Z-Image
+    for arguments in commands:
+        memory.main(shlex.split(arguments))
+        printed = capsys.readouterr().out
+        assert f"{arguments}\n```\n\n{printed}" in text, arguments

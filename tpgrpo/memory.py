@@ -1,6 +1,6 @@
 """Parameter memory per rank of the real pipelines, computed from their architecture configs.
 
-``python -m tpgrpo.memory [--model sd3|sd35-large|flux] [--world-size N] [--lora-rank R]`` prints a
+``python -m tpgrpo.memory [--model NAME] [--world-size N] [--lora-rank R]`` prints a
 markdown table of GiB per rank for each weights precision (float32, bfloat16) and scale-out
 strategy (ddp, fsdp2). Every model is built on the meta device from the config below, so
 nothing is downloaded and no memory is allocated; the counts are the real modules' counts.
@@ -18,9 +18,29 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    ZImageTransformer2DModel,
+)
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+    T5Config,
+    T5EncoderModel,
+)
 
 from tpgrpo.errors import UserInputError
 from tpgrpo.lora import DEFAULT_TARGET_MODULES
@@ -133,6 +153,82 @@ FLUX_DEV_TRANSFORMER: dict[str, Any] = {
     "axes_dims_rope": (16, 56, 56),
 }
 
+# Qwen/Qwen-Image, transformer/config.json (QwenImageTransformer2DModel).
+QWEN_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+# Qwen/Qwen-Image, text_encoder/config.json (Qwen2_5_VLForConditionalGeneration: Qwen2.5-VL-7B-Instruct).
+QWEN25_VL_7B: dict[str, Any] = {
+    "text_config": {
+        "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    },
+    "vision_config": {
+        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    },
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}
+# Qwen/Qwen-Image, vae/config.json (AutoencoderKLQwenImage): the class defaults.
+QWEN_IMAGE_VAE: dict[str, Any] = {}
+
+# black-forest-labs/FLUX.2-klein-base-4B (and FLUX.2-klein-4B), transformer/config.json (Flux2Transformer2DModel).
+FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 7680,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000,
+    "guidance_embeds": False,
+}
+# The Qwen3-4B text encoder of FLUX.2 [klein] 4B (Qwen3ForCausalLM) and of Z-Image (Qwen3Model):
+# text_encoder/config.json of both.
+QWEN3_4B: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": True,
+}
+# black-forest-labs/FLUX.2-klein-base-4B, vae/config.json (AutoencoderKLFlux2): the class defaults.
+FLUX2_VAE: dict[str, Any] = {}
+
+# Tongyi-MAI/Z-Image-Turbo (and Z-Image), transformer/config.json (ZImageTransformer2DModel).
+Z_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "cap_feat_dim": 2560,
+    "rope_theta": 256.0,
+    "axes_dims": (32, 48, 48),
+    "axes_lens": (1536, 512, 512),
+}
+
 
 @dataclass(frozen=True)
 class Component:
@@ -180,13 +276,34 @@ PIPELINES: dict[str, dict[str, Component]] = {
         "text_encoder_2": Component(T5EncoderModel, T5_XXL_ENCODER, T5Config),
         "vae": Component(AutoencoderKL, FLUX_DEV_VAE),
     },
+    "qwenimage": {
+        "transformer": Component(QwenImageTransformer2DModel, QWEN_IMAGE_TRANSFORMER),
+        "text_encoder": Component(Qwen2_5_VLForConditionalGeneration, QWEN25_VL_7B, Qwen2_5_VLConfig),
+        "vae": Component(AutoencoderKLQwenImage, QWEN_IMAGE_VAE),
+    },
+    "flux2-klein-4b": {
+        "transformer": Component(Flux2Transformer2DModel, FLUX2_KLEIN_4B_TRANSFORMER),
+        "text_encoder": Component(Qwen3ForCausalLM, QWEN3_4B, Qwen3Config),
+        "vae": Component(AutoencoderKLFlux2, FLUX2_VAE),
+    },
+    "zimage": {  # FLUX.1's 16-channel VAE
+        "transformer": Component(ZImageTransformer2DModel, Z_IMAGE_TRANSFORMER),
+        "text_encoder": Component(Qwen3Model, QWEN3_4B, Qwen3Config),
+        "vae": Component(AutoencoderKL, FLUX_DEV_VAE),
+    },
 }
 HUB_REPOS: dict[str, str] = {
     "sd3": "stabilityai/stable-diffusion-3.5-medium",
     "sd35-large": "stabilityai/stable-diffusion-3.5-large",
     "flux": "black-forest-labs/FLUX.1-dev",
+    "qwenimage": "Qwen/Qwen-Image",
+    "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+    "zimage": "Tongyi-MAI/Z-Image-Turbo",
 }
-MODEL_FAMILIES: dict[str, str] = {"sd3": "sd3", "sd35-large": "sd3", "flux": "flux"}  # for the LoRA targets
+MODEL_FAMILIES: dict[str, str] = {  # for the LoRA targets
+    "sd3": "sd3", "sd35-large": "sd3", "flux": "flux", "qwenimage": "qwenimage", "flux2-klein-4b": "flux2",
+    "zimage": "zimage",
+}
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
 LORA_BYTES_PER_VALUE = 4  # LoRA weights, their gradients and AdamW's moments are float32
 ADAM_STATES_PER_WEIGHT = 2  # exp_avg and exp_avg_sq
@@ -329,6 +446,7 @@ def memory_table(
 WEIGHTS_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 FAMILY_TITLES: dict[str, str] = {
     "sd3": "Stable Diffusion 3.5 Medium", "sd35-large": "Stable Diffusion 3.5 Large", "flux": "FLUX.1-dev",
+    "qwenimage": "Qwen-Image", "flux2-klein-4b": "FLUX.2 [klein] 4B", "zimage": "Z-Image-Turbo",
 }
 
 
