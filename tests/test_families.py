@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.sampling import euler_sample
 from tests.helpers.tiny_models import tiny_flux2_klein_pipeline, tiny_qwenimage_pipeline, tiny_zimage_pipeline
 from tpgrpo.distributed import Collectives, is_sharded, transformer_blocks
 from tpgrpo.embedding_cache import EmbeddingCache
@@ -70,21 +71,12 @@ def model(family):
     return FlowModel.from_pipeline(family.build(), max_sequence_length=family.max_sequence_length)
 
 
-def euler_sample(model, noise, prompts, num_steps, guidance):
-    cond = model.encode(prompts)
-    sigmas = model.sigmas(num_steps, RESOLUTION).tolist()
-    x = noise
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + model.velocity(x, sigma, cond, guidance) * (sigma_next - sigma)
-    return model.decode(x)
-
-
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_sampling_equals_the_familys_diffusers_pipeline(family, model, guidance):
     """Sigmas (with the family's shift), timestep and sign conventions, packing, position ids,
     masks, guidance and VAE decoding together, against the pipeline's own loop."""
     noise = model.initial_noise(2, RESOLUTION, torch.Generator().manual_seed(0))
-    ours = euler_sample(model, noise, PROMPTS, 3, guidance)
+    ours = euler_sample(model, noise, PROMPTS, 3, guidance, RESOLUTION)
     theirs = model.pipe(
         prompt=PROMPTS, height=RESOLUTION, width=RESOLUTION, num_inference_steps=3, output_type="pt",
         max_sequence_length=family.max_sequence_length, **family.pipeline_kwargs(noise, guidance),

@@ -9,19 +9,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tpgrpo.errors import UserInputError
 from tpgrpo.pipelines import FluxModel, FlowModel, ModelLoadError, PromptEmbeds, SD3Model, load_flow_model
 from tpgrpo.tiny import MAX_SEQUENCE_LENGTH, build_pipeline
+from tests.helpers.sampling import euler_sample
 from tests.helpers.tiny_models import tiny_flux_pipeline
 
 PROMPTS = ["a photo of two red circles", "a blue square"]
-
-
-def euler_sample(model, noise, prompts, num_steps, guidance, resolution):
-    """Deterministic Euler sampling with the FlowModel pieces, decoded to images."""
-    cond = model.encode(prompts)
-    sigmas = model.sigmas(num_steps, resolution).tolist()
-    x = noise
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + model.velocity(x, sigma, cond, guidance) * (sigma_next - sigma)
-    return model.decode(x)
 
 
 # ------------------------------------------------------------------------------------ SD3

@@ -361,6 +361,14 @@ class FlowModel(nn.Module):
         transformer = transformer if transformer is not None else self.transformer
         return self._velocity(transformer, latents, sigma, cond.to(latents.device), guidance_scale, uncond)
 
+    def _guidance_batch(
+        self, latents: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, uncond: PromptEmbeds | None
+    ) -> tuple[torch.Tensor, torch.Tensor, PromptEmbeds]:
+        """Latents, sigmas and conditioning of one CFG call: the unconditional rows (``uncond``, else
+        ``negative_prompt``'s) first, then the conditional ones."""
+        uncond = uncond if uncond is not None else self.negative(len(cond))
+        return torch.cat([latents, latents]), torch.cat([sigma, sigma]), PromptEmbeds.cat([uncond.to(latents.device), cond])
+
     def _velocity(
         self,
         transformer: nn.Module,
@@ -422,9 +430,7 @@ class SD3Model(FlowModel):
     def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
         guided = guidance_scale > 1.0
         if guided:
-            uncond = uncond if uncond is not None else self.negative(len(cond))
-            cond = PromptEmbeds.cat([uncond.to(latents.device), cond])
-            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+            latents, sigma, cond = self._guidance_batch(latents, sigma, cond, uncond)
         cond = cond.to(self.dtype)
         out = transformer(
             hidden_states=latents.to(self.dtype),
@@ -435,8 +441,7 @@ class SD3Model(FlowModel):
         )[0].float()
         if not guided:
             return out
-        v_uncond, v_cond = out.chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return guided_velocity(out, guidance_scale)
 
 
 class FluxModel(FlowModel):
@@ -526,12 +531,10 @@ class QwenImageModel(FlowModel):
         return linear_sigmas(num_steps)
 
     def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        n, _, h, w = latents.shape
+        _, _, h, w = latents.shape
         guided = guidance_scale > 1.0
         if guided:
-            uncond = uncond if uncond is not None else self.negative(n)
-            cond = PromptEmbeds.cat([uncond.to(latents.device), cond])
-            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+            latents, sigma, cond = self._guidance_batch(latents, sigma, cond, uncond)
         cond = cond.to(self.dtype)
         rows = len(cond)
         guidance = None
@@ -598,16 +601,14 @@ class Flux2Model(FlowModel):
         return compute_empirical_mu(self._image_tokens(resolution), num_steps)
 
     def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        n, c, h, w = latents.shape
+        _, c, h, w = latents.shape
         guided = guidance_scale > 1.0
         if guided and self.pipe.config.get("is_distilled", False):
             raise UserInputError(
                 f"guidance_scale {guidance_scale}: this FLUX.2 model is step-distilled and takes no guidance; use 1"
             )
         if guided:
-            uncond = uncond if uncond is not None else self.negative(n)
-            cond = PromptEmbeds.cat([uncond.to(latents.device), cond])
-            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+            latents, sigma, cond = self._guidance_batch(latents, sigma, cond, uncond)
         cond = cond.to(self.dtype)
         tokens = latents.to(self.dtype).flatten(2).transpose(1, 2)
         out = transformer(
@@ -622,8 +623,7 @@ class Flux2Model(FlowModel):
         out = out[:, : h * w].float().transpose(1, 2).reshape(len(cond), c, h, w)
         if not guided:
             return out
-        v_uncond, v_cond = out.chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return guided_velocity(out, guidance_scale)
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         norm = self.vae.bn
@@ -667,9 +667,7 @@ class ZImageModel(FlowModel):
     def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
         guided = guidance_scale > 1.0
         if guided:
-            uncond = uncond if uncond is not None else self.negative(len(cond))
-            cond = PromptEmbeds.cat([uncond.to(latents.device), cond])
-            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+            latents, sigma, cond = self._guidance_batch(latents, sigma, cond, uncond)
         cond = cond.to(self.dtype)
         captions = [embeds[mask] for embeds, mask in zip(cond.prompt_embeds, cond.token_mask())]
         frames = list(latents.to(self.dtype).unsqueeze(2).unbind(0))
@@ -677,8 +675,13 @@ class ZImageModel(FlowModel):
         velocity = -torch.stack([frame.float() for frame in out]).squeeze(2)
         if not guided:
             return velocity
-        v_uncond, v_cond = velocity.chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return guided_velocity(velocity, guidance_scale)
+
+
+def guided_velocity(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """``v_u + g·(v_c - v_u)`` from the output of a `_guidance_batch` call (unconditional half first)."""
+    v_uncond, v_cond = out.chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 def linear_sigmas(num_steps: int) -> list[float]:
