@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import logging
 import re
 import sys
 import warnings
@@ -23,20 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 # ------------------------------------------------------------------------------- known noise
-class _DropTorchvisionFallback(logging.Filter):
-    """transformers' note that an image processor falls back to its PIL version without torchvision.
-
-    The PIL versions serve this project; the note is logged when diffusers' pipelines are imported,
-    i.e. at every start. Other records of that logger pass.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed); falling back to" not in record.getMessage()
-
-
-TORCHVISION_FILTER = _DropTorchvisionFallback()
-# Installed before the imports below load diffusers (transformers logs the note once, at that import).
-logging.getLogger("transformers.utils.import_utils").addFilter(TORCHVISION_FILTER)
+from tpgrpo import TORCHVISION_FILTER  # noqa: E402,F401  (installed on import of the package)
 
 # Warnings that are expected and say nothing about a run:
 # - modules in eval mode when training starts: the frozen text encoders and VAE stay in it and
