@@ -100,6 +100,17 @@ def test_family_is_recognised_and_shapes_are_consistent(family, model):
     assert sigmas.shape == (7,) and sigmas[0] == 1 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
 
 
+def test_the_schedule_shifts_with_the_image_size_where_the_family_does(family, model):
+    small, large = model.sigmas(6, RESOLUTION), model.sigmas(6, 4 * RESOLUTION)
+    if family.name == "zimage":  # a static shift
+        assert torch.equal(small, large)
+    else:  # more image tokens, more shift (Qwen-Image's last sigma before 0 is its terminal 0.02 at any size)
+        assert (large[1:-2] > small[1:-2]).all()
+    if family.name == "flux2":  # FLUX.2's shift depends on the number of steps too
+        shifted = model.sigmas(12, RESOLUTION)
+        assert not torch.allclose(shifted[::2], small)
+
+
 def test_a_prompts_velocity_does_not_depend_on_its_batch(model):
     """Prompts of different lengths are padded and masked (Qwen-Image, Z-Image) or padded to a
     fixed length (FLUX.2): an image's velocity is the same alone or next to a longer prompt."""
