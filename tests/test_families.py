@@ -126,6 +126,23 @@ def test_a_prompts_velocity_does_not_depend_on_its_batch(model):
         torch.testing.assert_close(in_batch, model.velocity(x, 0.7, alone, 4.0), atol=1e-5, rtol=1e-5)
 
 
+def test_a_prompt_longer_than_max_sequence_length_warns_once(family, model):
+    import warnings
+
+    from tpgrpo.prompt_length import PromptLengthCheck
+
+    check = PromptLengthCheck(model.pipe, model.max_sequence_length, model.sequence_tokenizers)
+    long = "a photo of " + "red circles and " * family.max_sequence_length
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for prompts in ([PROMPTS[0]], [long], [long + " more"]):
+            with check(prompts):
+                model.encode(prompts)
+    messages = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    assert len(messages) == 1 and f"reads at most {family.max_sequence_length}" in messages[0], messages
+    assert "raise model.max_sequence_length" in messages[0]
+
+
 def test_the_rollout_engine_equals_the_sequential_reference(model):
     cond = model.encode(PROMPTS)
 

@@ -153,6 +153,7 @@ class FlowModel(nn.Module):
     pipeline_class: type[DiffusionPipeline]
     default_max_sequence_length: int = 256
     negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
+    sequence_tokenizers: tuple[str, ...] = ("tokenizer",)  # the pipeline's tokenizers cut at max_sequence_length
     _patch: int  # latent cells per transformer token along each side
     _latent_channels: int
 
@@ -407,6 +408,7 @@ class SD3Model(FlowModel):
     family = "sd3"
     pipeline_class = StableDiffusion3Pipeline
     default_max_sequence_length = 256
+    sequence_tokenizers = ("tokenizer_3",)  # T5; the CLIP tokenizers read 77 tokens
 
     @property
     def _patch(self) -> int:
@@ -455,6 +457,7 @@ class FluxModel(FlowModel):
     family = "flux"
     pipeline_class = FluxPipeline
     default_max_sequence_length = 512
+    sequence_tokenizers = ("tokenizer_2",)  # T5
     _patch = 2
 
     @property

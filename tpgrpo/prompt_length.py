@@ -24,25 +24,31 @@ class _DropTruncationMessages(logging.Filter):
         return not any(text in message for text in _TRUNCATION_MESSAGES)
 
 
-def _is_t5(tokenizer) -> bool:
-    return "T5" in type(tokenizer).__name__
-
-
 class PromptLengthCheck:
     """Checks prompts against the token limits of a pipeline's tokenizers.
 
-    CLIP tokenizers read ``tokenizer.model_max_length`` tokens, T5 tokenizers
-    ``max_sequence_length`` (what the pipeline passes). Use as a context around encoding:
-    ``with check(prompts): flow.encode(prompts)``.
+    The tokenizers named in ``sequence_tokenizers`` (`FlowModel.sequence_tokenizers`: SD3's and
+    FLUX.1's T5, the Qwen tokenizers of Qwen-Image, FLUX.2 and Z-Image) read ``max_sequence_length``
+    tokens (what the pipeline passes); the others (CLIP) ``tokenizer.model_max_length``. Prompts are
+    counted bare: the chat template the Qwen families wrap them in takes a few tokens more. Use as a
+    context around encoding: ``with check(prompts): flow.encode(prompts)``.
     """
 
-    def __init__(self, pipe, max_sequence_length: int | None = None, max_cached: int = 1_000_000):
+    def __init__(
+        self,
+        pipe,
+        max_sequence_length: int | None,
+        sequence_tokenizers: Sequence[str],
+        max_cached: int = 1_000_000,
+    ):
         self.tokenizers = []
+        self.sequence_tokenizers = tuple(sequence_tokenizers)
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tokenizer = getattr(pipe, name, None)
             if tokenizer is None or any(tokenizer is t for _, t, _ in self.tokenizers):
                 continue
-            limit = max_sequence_length if _is_t5(tokenizer) and max_sequence_length else tokenizer.model_max_length
+            by_sequence = name in self.sequence_tokenizers and max_sequence_length
+            limit = max_sequence_length if by_sequence else tokenizer.model_max_length
             if limit and limit < 10**8:  # an unset model_max_length is a huge number
                 self.tokenizers.append((name, tokenizer, int(limit)))
         self._loggers = [logging.getLogger(type(pipe).__module__), logging.getLogger(_TOKENIZER_LOGGER)]
@@ -69,7 +75,7 @@ class PromptLengthCheck:
     def _warn(self, prompt: str, name: str, tokenizer, length: int, limit: int) -> None:
         self.warned = True
         short = prompt if len(prompt) <= 80 else prompt[:77] + "..."
-        fix = "shorten it or raise model.max_sequence_length" if _is_t5(tokenizer) else "shorten it"
+        fix = "shorten it or raise model.max_sequence_length" if name in self.sequence_tokenizers else "shorten it"
         rank_zero_warn(
             f"prompt {short!r} has {length} tokens but the text encoder's {name} reads at most {limit}; "
             f"it is truncated ({fix}; further long prompts are truncated without a warning)"

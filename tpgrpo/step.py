@@ -160,7 +160,8 @@ class GRPOStep:
     def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
         """Text embeddings (N rows), each distinct prompt encoded once; over-long prompts warn once per run."""
         if self._prompt_length_check is None:
-            self._prompt_length_check = PromptLengthCheck(self.flow.pipe, self.flow.max_sequence_length)
+            flow = self.flow
+            self._prompt_length_check = PromptLengthCheck(flow.pipe, flow.max_sequence_length, flow.sequence_tokenizers)
         with self._prompt_length_check(prompts):
             return self.flow.encode(list(prompts))
 
