@@ -134,3 +134,21 @@ def test_print_config_range_checks_values(capsys):
         main(["fit", "--config", "configs/sd3.yaml", "--model.sampling.noise_level=3", "--print_config"])
     assert stop.value.code == 2
     assert "sampling.noise_level must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", ["joined", "split"])
+def test_a_dotted_reward_option_keeps_the_rewards_other_options(capsys, form):
+    import yaml
+
+    options = {"ocr.weight": "0.5", "pickscore.weight": "0.25", "ocr.max_new_tokens": "8"}
+    flags = [item for key, value in options.items()
+             for item in ([f"--model.rewards.{key}={value}"] if form == "joined" else [f"--model.rewards.{key}", value])]
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", "configs/sd3.yaml", "--config", "configs/tasks/ocr.yaml", *flags, "--print_config"])
+    out = capsys.readouterr()
+    assert stop.value.code == 0, out.err
+    rewards = yaml.safe_load(out.out)["model"]["rewards"]
+    task = yaml.safe_load((ROOT / "configs" / "tasks" / "ocr.yaml").read_text())["model"]["rewards"]["ocr"]
+    # the task file's ocr options stay; the two set here change; a reward not in the config is added
+    assert rewards["ocr"] == {**task, "weight": 0.5, "max_new_tokens": 8}
+    assert rewards["pickscore"] == {"weight": 0.25}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import re
 import sys
 import warnings
@@ -109,8 +110,16 @@ class TPGRPOCLI(LightningCLI):
         """
 
     def parse_arguments(self, parser, args) -> None:
-        """Range-check the model's settings before ``--print_config`` prints them (and exits)."""
+        """Merge dotted reward options (`merge_reward_options`) and range-check the model's settings
+        before ``--print_config`` prints them (and exits)."""
         arguments = sys.argv[1:] if args is None else list(args)
+        merged = merge_reward_options(parser, arguments)
+        if merged != arguments:
+            arguments = merged
+            if args is None:
+                sys.argv[1:] = merged
+            else:
+                args = merged
         if any(str(a).startswith("--print_config") for a in arguments):
             plain = [a for a in arguments if not str(a).startswith("--print_config")]
             config = parser.parse_args(plain)
@@ -144,6 +153,42 @@ class TPGRPOCLI(LightningCLI):
                 check_checkpoint_file(ckpt_path)
                 rank_zero_info(f"--ckpt_path last: resuming from {ckpt_path}")
         self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
+
+
+REWARD_OPTION = re.compile(r"^--model\.rewards\.([\w-]+)\.([\w-]+)(?:=(.*))?$")
+
+
+def merge_reward_options(parser, args: Sequence[str]) -> list[str]:
+    """``args`` with ``--model.rewards.NAME.KEY VALUE`` options merged into the reward's settings.
+
+    A dotted override of a mapping-typed setting replaces the reward's whole entry, dropping the
+    options a config gave it (``--model.rewards.ocr.weight 0.5`` would lose ``lang: eng``); here the
+    reward mapping the other arguments give is read, each such option is set in its entry (a bare
+    weight becomes ``{weight: w}``), and the result is passed as one ``--model.rewards`` at the end.
+    """
+    args = list(args)
+    options, rest, i = [], [], 0
+    while i < len(args):
+        match = REWARD_OPTION.match(str(args[i]))
+        if match and (match.group(3) is not None or i + 1 < len(args)):
+            name, key, value = match.group(1), match.group(2), match.group(3)
+            if value is None:
+                value, i = args[i + 1], i + 1
+            options.append((name, key, yaml.safe_load(value)))
+        else:
+            rest.append(args[i])
+        i += 1
+    if not options:
+        return args
+    config = parser.parse_args([a for a in rest if not str(a).startswith("--print_config")])
+    subcommand = config.get("subcommand")
+    rewards = dict((config[subcommand] if subcommand else config).model.get("rewards") or {})
+    for name, key, value in options:
+        entry = rewards.get(name)
+        entry = {"weight": entry} if isinstance(entry, (int, float)) else dict(entry or {})
+        entry[key] = value
+        rewards[name] = entry
+    return [*rest, f"--model.rewards={json.dumps(rewards)}"]
 
 
 def base_callbacks_to_keep(trainer_config: dict[str, Any], base: list[Callback]) -> list[Callback]:
