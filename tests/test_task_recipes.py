@@ -1,11 +1,20 @@
 """Each task file on each real-model config trains: a 2-step ``fit`` through the CLI on tiny random
-stand-ins of the same architecture (SD3 and FLUX pipelines) with the task's real reward code
-(a tiny random Mask2Former and CLIP for GenEval, a tiny CLIP for PickScore, a tiny GOT-OCR2 for OCR)."""
+stand-ins of the same architecture (SD3 and FLUX pipelines: every task; Qwen-Image, FLUX.2 and
+Z-Image: PickScore) with the task's real reward code (a tiny random Mask2Former and CLIP for
+GenEval, a tiny CLIP for PickScore, a tiny GOT-OCR2 for OCR)."""
 import json
 
 import pytest
 
-from tests.helpers.tiny_models import save_tiny_detector, save_tiny_geneval_clip, save_tiny_got_ocr2, tiny_flux_pipeline
+from tests.helpers.tiny_models import (
+    save_tiny_detector,
+    save_tiny_geneval_clip,
+    save_tiny_got_ocr2,
+    tiny_flux2_klein_pipeline,
+    tiny_flux_pipeline,
+    tiny_qwenimage_pipeline,
+    tiny_zimage_pipeline,
+)
 from tpgrpo.cli import build_cli
 
 pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them out
@@ -25,12 +34,18 @@ def stand_ins(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("recipes")
     flux = root / "flux"
     tiny_flux_pipeline().save_pretrained(flux)
+    newer = {"qwenimage": tiny_qwenimage_pipeline, "flux2_klein": tiny_flux2_klein_pipeline, "zimage": tiny_zimage_pipeline}
+    for name, build in newer.items():
+        build().save_pretrained(root / name)
     (root / "geneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GENEVAL_RECORDS))
     (root / "prompts.txt").write_text("a photo of a dog\na red cat on a bench\n")
     (root / "ocr.txt").write_text('A sign that says "OPEN"\nA mug printed with "TEA"\n')
     return {
         "sd3": (str(tiny_model_dir), ["--model.sampling.resolution=32"]),
         "flux": (str(flux), ["--model.sampling.resolution=16", "--model.max_sequence_length=6"]),
+        # the newer families' stand-ins: 32 px, byte-level tokenizers (a token per character of the chat template)
+        **{name: (str(root / name), ["--model.sampling.resolution=32", "--model.max_sequence_length=200",
+                                     "--trainer.strategy=auto"]) for name in newer},
         "detector": save_tiny_detector(root / "mask2former"),
         "clip": save_tiny_geneval_clip(root / "clip"),
         "ocr": str(save_tiny_got_ocr2(root / "got_ocr2")),
@@ -57,7 +72,8 @@ def test_task_recipe_fits_two_steps(tmp_path, stand_ins, family, task):
     path, model_overrides = stand_ins[family]
     args = ["fit", "--config", f"configs/{family}.yaml", "--config", f"configs/tasks/{task}.yaml",
             f"--model.pretrained_path={path}", *model_overrides, *task_overrides(task, stand_ins), *SHORT,
-            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
+            f"--model.prompt_cache.folder={tmp_path / 'embeddings'}", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
     cli = build_cli(args)
     assert cli.trainer.global_step == 2
     assert cli.trainer.precision == "bf16-mixed"  # the recipe's precision, as on a GPU
@@ -72,6 +88,7 @@ def test_test_on_geneval_metadata_logs_genevals_overall_number(tmp_path, stand_i
     args = ["test", "--config", "configs/sd3.yaml", "--config", "configs/tasks/geneval.yaml",
             f"--model.pretrained_path={path}", *model_overrides, *task_overrides("geneval", stand_ins),
             f"--data.test_prompts={records}", "--data.eval_seeds=2", "--model.evaluation.num_steps=2",
+            f"--model.prompt_cache.folder={tmp_path / 'embeddings'}",
             "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
     cli = build_cli(args)
@@ -79,3 +96,17 @@ def test_test_on_geneval_metadata_logs_genevals_overall_number(tmp_path, stand_i
     # the two records' tags, single_object and colors: the overall number is the mean of their correct rates
     expected = (float(logged["test/geneval/single_object"]) + float(logged["test/geneval/colors"])) / 2
     assert float(logged["test/geneval/overall"]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("config", ["qwenimage", "flux2_klein", "zimage"])
+def test_the_newer_families_fit_pickscore_with_the_real_reward_code(tmp_path, stand_ins, config):
+    path, model_overrides = stand_ins[config]
+    args = ["fit", "--config", f"configs/{config}.yaml", "--config", "configs/tasks/pickscore.yaml",
+            f"--model.pretrained_path={path}", *model_overrides, *task_overrides("pickscore", stand_ins), *SHORT,
+            f"--model.prompt_cache.folder={tmp_path / 'embeddings'}", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
+    cli = build_cli(args)
+    assert cli.trainer.global_step == 2 and cli.trainer.precision == "bf16-mixed"
+    assert list(cli.model.reward.rewards) == ["pickscore"]
+    logged = cli.trainer.callback_metrics
+    assert "train/pickscore" in logged and logged["train/reward_mean"].isfinite()
