@@ -10,6 +10,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_process_group():
+    """An in-process ``ddp``/``fsdp2`` fit leaves its process group and MASTER_PORT behind; take both
+    away, so that later tests of this worker (and the subprocesses they start) pick their own port."""
+    environment = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer random SD3 pipeline saved with ``save_pretrained`` (a stand-in for SD3.5)."""
