@@ -1,4 +1,4 @@
-"""The model families behind `FlowModel` beyond SD3 and FLUX.1 (Qwen-Image, FLUX.2 [klein], Z-Image),
+"""The model families behind `FlowModel` beyond SD3 and FLUX.1 (Qwen-Image, FLUX.2 [klein] and [dev], Z-Image),
 each on a tiny random pipeline of its real diffusers and transformers classes, built offline:
 sampling equals the family's own diffusers pipeline, a prompt's velocity does not depend on
 its batch, the rollout engine equals the sequential reference, LoRA and FSDP2 find the blocks,
@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from tests.helpers.sampling import euler_sample
-from tests.helpers.tiny_models import tiny_flux2_klein_pipeline, tiny_qwenimage_pipeline, tiny_zimage_pipeline
+from tests.helpers.tiny_models import (
+    tiny_flux2_dev_pipeline,
+    tiny_flux2_klein_pipeline,
+    tiny_qwenimage_pipeline,
+    tiny_zimage_pipeline,
+)
 from tpgrpo.distributed import Collectives, is_sharded, transformer_blocks
 from tpgrpo.embedding_cache import EmbeddingCache
 from tpgrpo.errors import UserInputError
@@ -20,6 +25,7 @@ from tpgrpo.lora import DEFAULT_TARGET_MODULES, add_lora, disabled_adapter, full
 from tpgrpo.memory import is_lora_target
 from tpgrpo.pipelines import (
     PIPELINE_FAMILIES,
+    Flux2DevModel,
     Flux2Model,
     FlowModel,
     ModelLoadError,
@@ -49,12 +55,13 @@ class Family:
             return {"latents": pack_2x2(noise), **extra}
         if self.name == "zimage":  # its guidance_scale g: v = pos + g (pos - neg), ours minus one
             return {"latents": noise, "guidance_scale": guidance - 1}
-        return {"latents": noise, "guidance_scale": guidance}
+        return {"latents": noise, "guidance_scale": guidance}  # FLUX.2: CFG (klein), guidance embedding (dev)
 
 
 FAMILIES = [
     Family("qwenimage", tiny_qwenimage_pipeline, QwenImageModel, 200, blocks=1),
     Family("flux2", tiny_flux2_klein_pipeline, Flux2Model, 96, blocks=2),
+    Family("flux2-dev", tiny_flux2_dev_pipeline, Flux2DevModel, 256, blocks=2),  # after its 168-character system message
     Family("zimage", tiny_zimage_pipeline, ZImageModel, 96, blocks=3),
 ]
 BY_NAME = {family.name: family for family in FAMILIES}
@@ -106,7 +113,7 @@ def test_the_schedule_shifts_with_the_image_size_where_the_family_does(family, m
         assert torch.equal(small, large)
     else:  # more image tokens, more shift (Qwen-Image's last sigma before 0 is its terminal 0.02 at any size)
         assert (large[1:-2] > small[1:-2]).all()
-    if family.name == "flux2":  # FLUX.2's shift depends on the number of steps too
+    if family.name.startswith("flux2"):  # FLUX.2's shift depends on the number of steps too
         shifted = model.sigmas(12, RESOLUTION)
         assert not torch.allclose(shifted[::2], small)
 
@@ -216,11 +223,13 @@ SHORT = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--mo
          "--model.sampling.rollout_max_batch=8", "--model.lora.rank=2", "--model.lora.alpha=4",
          # float32 on one CPU process, so the exported LoRA can be compared exactly
          "--model.weights_dtype=float32", "--trainer.precision=32-true", "--trainer.accelerator=cpu"]
-CONFIGS = {"qwenimage": "configs/qwenimage.yaml", "flux2": "configs/flux2_klein.yaml", "zimage": "configs/zimage.yaml"}
+CONFIGS = {"qwenimage": "configs/qwenimage.yaml", "flux2": "configs/flux2_klein.yaml",
+           "flux2-dev": "configs/flux2_dev.yaml", "zimage": "configs/zimage.yaml"}
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name, strategy", [("qwenimage", "fsdp2"), ("flux2", "auto"), ("zimage", "fsdp2")])
+@pytest.mark.parametrize("name, strategy",
+                         [("qwenimage", "fsdp2"), ("flux2", "auto"), ("flux2-dev", "fsdp2"), ("zimage", "fsdp2")])
 def test_fit_trains_only_lora_and_the_export_loads_with_the_pipelines_own_loader(tmp_path, name, strategy):
     """One CPU process; ``fsdp2`` (qwenimage.yaml's strategy) shards the family's blocks over a world of one."""
     from diffusers import DiffusionPipeline
@@ -266,3 +275,14 @@ def test_fit_trains_only_lora_and_the_export_loads_with_the_pipelines_own_loader
     assert not torch.allclose(adapted, base)
     torch.testing.assert_close(adapted, trained, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reference, base, atol=1e-5, rtol=1e-5)
+
+
+def test_flux2_dev_guides_through_its_embedding_and_refuses_an_unconditional_branch():
+    model = FlowModel.from_pipeline(tiny_flux2_dev_pipeline(), max_sequence_length=BY_NAME["flux2-dev"].max_sequence_length)
+    x = model.initial_noise(1, RESOLUTION, torch.Generator().manual_seed(7))
+    cond = model.encode(PROMPTS[:1])
+    with torch.no_grad():
+        weak, strong = (model.velocity(x, 0.5, cond, scale) for scale in (1.0, 4.0))
+    assert not torch.allclose(weak, strong)
+    with pytest.raises(ValueError, match="guidance embedding, not classifier-free guidance"):
+        model.velocity(x, 0.5, cond, 4.0, uncond=model.negative(1))

@@ -101,6 +101,10 @@ def test_the_newer_families_count_as_published():
     assert 6.1e9 <= zimage["transformer"] <= 6.2e9  # Z-Image: "6 B"
     assert 4.0e9 <= klein["text_encoder"] == zimage["text_encoder"] <= 4.05e9  # Qwen3-4B, embeddings tied
     assert zimage["vae"] == memory.parameter_counts("flux")["vae"]  # FLUX.1's VAE
+    dev = memory.parameter_counts("flux2-dev")
+    assert 32.1e9 <= dev["transformer"] <= 32.3e9  # FLUX.2 [dev]: "32 B"
+    assert 23.9e9 <= dev["text_encoder"] <= 24.1e9  # Mistral Small 3: "24 B"
+    assert dev["vae"] == klein["vae"]
 
 
 @pytest.mark.parametrize("rank", [4, 32])
@@ -112,6 +116,8 @@ def test_newer_family_lora_counts_match_the_projections_counted_by_hand(rank):
     assert memory.lora_parameter_count("zimage", rank) == 34 * 4 * (3840 + 3840) * rank
     fused = 3072 + 3 * 3072 + 2 * 9216
     assert memory.lora_parameter_count("flux2-klein-4b", rank) == (5 * 8 * (3072 + 3072) + 20 * fused) * rank
+    fused = 6144 + 3 * 6144 + 2 * 18432  # FLUX.2 [dev]: 8 double and 48 single blocks of width 6144
+    assert memory.lora_parameter_count("flux2-dev", rank) == (8 * 8 * (6144 + 6144) + 48 * fused) * rank
 
 
 TINY_SD3 = dict(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
@@ -171,7 +177,7 @@ def test_released_text_encoders_take_no_accelerator_memory():
 
 
 def test_bad_arguments_are_user_errors():
-    with pytest.raises(UserInputError, match=r"unknown model 'sdxl'; use one of \['flux', 'flux2-klein-4b', 'qwenimage', 'sd3', 'sd35-large', 'zimage'\]"):
+    with pytest.raises(UserInputError, match=r"unknown model 'sdxl'; use one of \['flux', 'flux2-dev', 'flux2-klein-4b', 'qwenimage', 'sd3', 'sd35-large', 'zimage'\]"):
         memory.parameter_counts("sdxl")
     with pytest.raises(UserInputError, match="strategy"):
         memory.memory_table("sd3", "bfloat16", "zero3", 8, 32)
@@ -213,7 +219,7 @@ def test_the_tables_in_docs_memory_md_are_what_their_commands_print(capsys):
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "memory.md").read_text()
     commands = re.findall(r"```bash\npython -m tpgrpo\.memory (.*)\n```\n\n", text)
-    assert len(commands) == 6  # SD3.5 Medium and Large, FLUX.1, Qwen-Image, FLUX.2 [klein], Z-Image
+    assert len(commands) == 7  # SD3.5 Medium and Large, FLUX.1, Qwen-Image, FLUX.2 [klein] and [dev], Z-Image
     for arguments in commands:
         memory.main(shlex.split(arguments))
         printed = capsys.readouterr().out

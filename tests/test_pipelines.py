@@ -186,10 +186,10 @@ def write_index(folder, class_name):
         (lambda tmp: tmp, {}, r"is not a diffusers pipeline folder \(no model_index.json\)"),
         (lambda tmp: write_index(tmp / "sd1", "StableDiffusionPipeline"), {},
          r"unsupported pipeline class 'StableDiffusionPipeline' in .*model_index.json; "
-         r"supported: StableDiffusion3Pipeline, FluxPipeline, QwenImagePipeline, Flux2KleinPipeline, ZImagePipeline"),
+         r"supported: StableDiffusion3Pipeline, FluxPipeline, QwenImagePipeline, Flux2KleinPipeline, Flux2Pipeline, ZImagePipeline"),
         (lambda tmp: write_index(tmp / "sd3", "StableDiffusion3Pipeline"), {"family": "flux"},
          r"holds a StableDiffusion3Pipeline \(sd3\), but family='flux' was asked"),
-        (lambda tmp: tmp, {"family": "sdxl"}, r"unknown model family 'sdxl'; use 'auto', 'flux', 'flux2', 'qwenimage', 'sd3', 'zimage'"),
+        (lambda tmp: tmp, {"family": "sdxl"}, r"unknown model family 'sdxl'; use 'auto', 'flux', 'flux2', 'flux2-dev', 'qwenimage', 'sd3', 'zimage'"),
         (lambda tmp: "nobody-tpgrpo/no-such-model", {"local_files_only": True},
          r"could not download 'nobody-tpgrpo/no-such-model' from the Hugging Face hub .*check the id, your access "
          r".*your network or HF_HUB_OFFLINE, or pass a local folder"),

@@ -1,6 +1,6 @@
 """Each task file on each real-model config trains: a 2-step ``fit`` through the CLI on tiny random
-stand-ins of the same architecture (SD3 and FLUX pipelines: every task; Qwen-Image, FLUX.2 and
-Z-Image: PickScore) with the task's real reward code (a tiny random Mask2Former and CLIP for
+stand-ins of the same architecture (SD3 and FLUX pipelines: every task; Qwen-Image, FLUX.2 [klein]
+and [dev], Z-Image: PickScore) with the task's real reward code (a tiny random Mask2Former and CLIP for
 GenEval, a tiny CLIP for PickScore, a tiny GOT-OCR2 for OCR)."""
 import json
 
@@ -10,6 +10,7 @@ from tests.helpers.tiny_models import (
     save_tiny_detector,
     save_tiny_geneval_clip,
     save_tiny_got_ocr2,
+    tiny_flux2_dev_pipeline,
     tiny_flux2_klein_pipeline,
     tiny_flux_pipeline,
     tiny_qwenimage_pipeline,
@@ -34,7 +35,10 @@ def stand_ins(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("recipes")
     flux = root / "flux"
     tiny_flux_pipeline().save_pretrained(flux)
-    newer = {"qwenimage": tiny_qwenimage_pipeline, "flux2_klein": tiny_flux2_klein_pipeline, "zimage": tiny_zimage_pipeline}
+    newer = {"qwenimage": tiny_qwenimage_pipeline, "flux2_klein": tiny_flux2_klein_pipeline,
+             "flux2_dev": tiny_flux2_dev_pipeline, "zimage": tiny_zimage_pipeline}
+    # byte-level tokenizers spend a token per character of the chat template (FLUX.2 [dev]'s has a system message)
+    sequence_lengths = {"flux2_dev": 256}
     for name, build in newer.items():
         build().save_pretrained(root / name)
     (root / "geneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GENEVAL_RECORDS))
@@ -43,8 +47,8 @@ def stand_ins(tmp_path_factory, tiny_model_dir):
     return {
         "sd3": (str(tiny_model_dir), ["--model.sampling.resolution=32"]),
         "flux": (str(flux), ["--model.sampling.resolution=16", "--model.max_sequence_length=6"]),
-        # the newer families' stand-ins: 32 px, byte-level tokenizers (a token per character of the chat template)
-        **{name: (str(root / name), ["--model.sampling.resolution=32", "--model.max_sequence_length=200",
+        **{name: (str(root / name), ["--model.sampling.resolution=32",
+                                     f"--model.max_sequence_length={sequence_lengths.get(name, 200)}",
                                      "--trainer.strategy=auto"]) for name in newer},
         "detector": save_tiny_detector(root / "mask2former"),
         "clip": save_tiny_geneval_clip(root / "clip"),
@@ -98,7 +102,7 @@ def test_test_on_geneval_metadata_logs_genevals_overall_number(tmp_path, stand_i
     assert float(logged["test/geneval/overall"]) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("config", ["qwenimage", "flux2_klein", "zimage"])
+@pytest.mark.parametrize("config", ["qwenimage", "flux2_klein", "flux2_dev", "zimage"])
 def test_the_newer_families_fit_pickscore_with_the_real_reward_code(tmp_path, stand_ins, config):
     path, model_overrides = stand_ins[config]
     args = ["fit", "--config", f"configs/{config}.yaml", "--config", "configs/tasks/pickscore.yaml",

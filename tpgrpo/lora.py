@@ -31,12 +31,14 @@ ATTENTION_PROJECTIONS: tuple[str, ...] = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 )
+# FLUX.2's single blocks fuse q, k, v and the MLP input into one projection
+FLUX2_PROJECTIONS: tuple[str, ...] = (*ATTENTION_PROJECTIONS, "attn.to_qkv_mlp_proj")
 DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "sd3": ATTENTION_PROJECTIONS,
     "flux": ATTENTION_PROJECTIONS,
     "qwenimage": ATTENTION_PROJECTIONS,
-    # FLUX.2's single blocks fuse q, k, v and the MLP input into one projection
-    "flux2": (*ATTENTION_PROJECTIONS, "attn.to_qkv_mlp_proj"),
+    "flux2": FLUX2_PROJECTIONS,
+    "flux2-dev": FLUX2_PROJECTIONS,
     # Z-Image is single-stream: one attention per block (refiners included), text and image together
     "zimage": ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"),
 }

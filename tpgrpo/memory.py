@@ -33,6 +33,8 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
@@ -213,6 +215,32 @@ QWEN3_4B: dict[str, Any] = {
 # black-forest-labs/FLUX.2-klein-base-4B, vae/config.json (AutoencoderKLFlux2): the class defaults.
 FLUX2_VAE: dict[str, Any] = {}
 
+# black-forest-labs/FLUX.2-dev, transformer/config.json (Flux2Transformer2DModel): the class defaults.
+FLUX2_DEV_TRANSFORMER: dict[str, Any] = {
+    **FLUX2_KLEIN_4B_TRANSFORMER,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,
+    "guidance_embeds": True,
+}
+# black-forest-labs/FLUX.2-dev, text_encoder/config.json (Mistral3ForConditionalGeneration: Mistral Small 3.x 24B
+# with its Pixtral vision tower).
+MISTRAL_SMALL_3_24B: dict[str, Any] = {
+    "text_config": {
+        "model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 32768,
+        "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "head_dim": 64, "patch_size": 14, "image_size": 1540,
+    },
+    "spatial_merge_size": 2,
+    "multimodal_projector_bias": False,
+    "tie_word_embeddings": False,
+}
+
 # Tongyi-MAI/Z-Image-Turbo (and Z-Image), transformer/config.json (ZImageTransformer2DModel).
 Z_IMAGE_TRANSFORMER: dict[str, Any] = {
     "all_patch_size": (2,),
@@ -286,6 +314,11 @@ PIPELINES: dict[str, dict[str, Component]] = {
         "text_encoder": Component(Qwen3ForCausalLM, QWEN3_4B, Qwen3Config),
         "vae": Component(AutoencoderKLFlux2, FLUX2_VAE),
     },
+    "flux2-dev": {
+        "transformer": Component(Flux2Transformer2DModel, FLUX2_DEV_TRANSFORMER),
+        "text_encoder": Component(Mistral3ForConditionalGeneration, MISTRAL_SMALL_3_24B, Mistral3Config),
+        "vae": Component(AutoencoderKLFlux2, FLUX2_VAE),
+    },
     "zimage": {  # FLUX.1's 16-channel VAE
         "transformer": Component(ZImageTransformer2DModel, Z_IMAGE_TRANSFORMER),
         "text_encoder": Component(Qwen3Model, QWEN3_4B, Qwen3Config),
@@ -298,11 +331,12 @@ HUB_REPOS: dict[str, str] = {
     "flux": "black-forest-labs/FLUX.1-dev",
     "qwenimage": "Qwen/Qwen-Image",
     "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+    "flux2-dev": "black-forest-labs/FLUX.2-dev",
     "zimage": "Tongyi-MAI/Z-Image-Turbo",
 }
 MODEL_FAMILIES: dict[str, str] = {  # for the LoRA targets
     "sd3": "sd3", "sd35-large": "sd3", "flux": "flux", "qwenimage": "qwenimage", "flux2-klein-4b": "flux2",
-    "zimage": "zimage",
+    "flux2-dev": "flux2-dev", "zimage": "zimage",
 }
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
 LORA_BYTES_PER_VALUE = 4  # LoRA weights, their gradients and AdamW's moments are float32
@@ -446,7 +480,8 @@ def memory_table(
 WEIGHTS_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 FAMILY_TITLES: dict[str, str] = {
     "sd3": "Stable Diffusion 3.5 Medium", "sd35-large": "Stable Diffusion 3.5 Large", "flux": "FLUX.1-dev",
-    "qwenimage": "Qwen-Image", "flux2-klein-4b": "FLUX.2 [klein] 4B", "zimage": "Z-Image-Turbo",
+    "qwenimage": "Qwen-Image", "flux2-klein-4b": "FLUX.2 [klein] 4B",
+    "flux2-dev": "FLUX.2 [dev]", "zimage": "Z-Image-Turbo",
 }
 
 

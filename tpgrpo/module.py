@@ -64,7 +64,7 @@ class TPGRPOModule(LightningModule):
         pretrained_path: hub id or local folder of a diffusers pipeline of a supported family;
             defaults to the shipped tiny model.
         family: "auto" (read the folder) or one of `tpgrpo.pipelines.PIPELINE_FAMILIES`: "sd3",
-            "flux", "qwenimage", "flux2", "zimage".
+            "flux", "qwenimage", "flux2", "flux2-dev", "zimage".
         rewards: reward names and weights, each a weight or a mapping of the weight and the
             reward's options, e.g. ``{pickscore: 1.0, ocr: {weight: 0.5, engine: tesseract}}``.
         sampling: training rollouts (`tpgrpo.settings.SamplingConfig`).

@@ -1,8 +1,8 @@
 """The model side of TP-GRPO: a flow-matching text-to-image model behind one small interface.
 
 `FlowModel` wraps a diffusers pipeline (SD3 / SD3.5 through `SD3Model`, FLUX.1 through
-`FluxModel`, Qwen-Image through `QwenImageModel`, FLUX.2 [klein] through `Flux2Model`, Z-Image
-through `ZImageModel`) and exposes what the rollout and the training step need:
+`FluxModel`, Qwen-Image through `QwenImageModel`, FLUX.2 [klein] through `Flux2Model`,
+FLUX.2 [dev] through `Flux2DevModel`, Z-Image through `ZImageModel`) and exposes what the rollout and the training step need:
 
     cond = model.encode(prompts)                          # PromptEmbeds of N images, no grad
     sigmas = model.sigmas(num_steps, resolution)          # (T+1,) float32, 1 -> 0
@@ -35,6 +35,7 @@ from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     FluxPipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
@@ -59,7 +60,7 @@ class PromptEmbeds:
     """Text conditioning of N images.
 
     ``prompt_embeds``: (N, L, D) token embeddings (SD3: CLIP and T5 tokens; FLUX.1: T5 tokens;
-    Qwen-Image, FLUX.2 and Z-Image: the Qwen text model's hidden states).
+    Qwen-Image, FLUX.2 and Z-Image: the hidden states of their Qwen or Mistral text model).
     ``pooled``: (N, P) pooled embeddings, for the families that have them (SD3: both CLIP
     encoders; FLUX.1: CLIP); None otherwise.
     ``mask``: (N, L) bool, True for a real token, for the families whose prompts have different
@@ -604,14 +605,19 @@ class Flux2Model(FlowModel):
         return compute_empirical_mu(self._image_tokens(resolution), num_steps)
 
     def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        _, c, h, w = latents.shape
         guided = guidance_scale > 1.0
         if guided and self.pipe.config.get("is_distilled", False):
             raise UserInputError(
                 f"guidance_scale {guidance_scale}: this FLUX.2 model is step-distilled and takes no guidance; use 1"
             )
-        if guided:
-            latents, sigma, cond = self._guidance_batch(latents, sigma, cond, uncond)
+        if not guided:
+            return self._forward(transformer, latents, sigma, cond)
+        return guided_velocity(self._forward(transformer, *self._guidance_batch(latents, sigma, cond, uncond)),
+                               guidance_scale)
+
+    def _forward(self, transformer, latents, sigma, cond, guidance=None):
+        """One transformer call on the latents as raster-order tokens, with FLUX.2's position ids."""
+        _, c, h, w = latents.shape
         cond = cond.to(self.dtype)
         tokens = latents.to(self.dtype).flatten(2).transpose(1, 2)
         out = transformer(
@@ -620,19 +626,36 @@ class Flux2Model(FlowModel):
             timestep=sigma,
             img_ids=self.pipe._prepare_latent_ids(latents).to(latents.device),
             txt_ids=self.pipe._prepare_text_ids(cond.prompt_embeds).to(latents.device),
-            guidance=None,
+            guidance=guidance,
             return_dict=False,
         )[0]
-        out = out[:, : h * w].float().transpose(1, 2).reshape(len(cond), c, h, w)
-        if not guided:
-            return out
-        return guided_velocity(out, guidance_scale)
+        return out[:, : h * w].float().transpose(1, 2).reshape(len(cond), c, h, w)
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         norm = self.vae.bn
         mean = norm.running_mean.view(1, -1, 1, 1).to(latents)
         std = torch.sqrt(norm.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(latents)
         return self.vae.decode(self.pipe._unpatchify_latents(latents * std + mean), return_dict=False)[0]
+
+
+class Flux2DevModel(Flux2Model):
+    """FLUX.2 [dev] (`Flux2Pipeline`): Mistral Small 3 hidden states of three layers (the pipeline's
+    system message before each prompt) and the FLUX.2 transformer; latents, position ids and the
+    sigma schedule are FLUX.2 [klein]'s. The model is guidance-distilled: ``guidance_scale`` goes
+    to the transformer's guidance embedding and there is no unconditional branch, so ``uncond``
+    must be None.
+    """
+
+    family = "flux2-dev"
+    pipeline_class = Flux2Pipeline
+
+    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
+        if uncond is not None:
+            raise ValueError("FLUX.2 [dev] uses its guidance embedding, not classifier-free guidance: pass uncond=None")
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((len(latents),), float(guidance_scale), device=latents.device, dtype=torch.float32)
+        return self._forward(transformer, latents, sigma, cond, guidance)
 
 
 class ZImageModel(FlowModel):
@@ -710,6 +733,7 @@ PIPELINE_FAMILIES: dict[str, type[FlowModel]] = {
     "FluxPipeline": FluxModel,
     "QwenImagePipeline": QwenImageModel,
     "Flux2KleinPipeline": Flux2Model,
+    "Flux2Pipeline": Flux2DevModel,
     "ZImagePipeline": ZImageModel,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -730,7 +754,7 @@ def load_flow_model(
     ``pretrained_path``: a folder written by ``save_pretrained`` (with model_index.json), or
     a hub id such as ``stabilityai/stable-diffusion-3.5-medium`` / ``black-forest-labs/FLUX.1-dev``
     (downloaded once into the Hugging Face cache). ``family``: "auto" (from model_index.json)
-    or a family name ("sd3", "flux", "qwenimage", "flux2", "zimage"). ``dtype``: of every component. ``local_files_only``: never use the
+    or a family name ("sd3", "flux", "qwenimage", "flux2", "flux2-dev", "zimage"). ``dtype``: of every component. ``local_files_only``: never use the
     network (hub ids must then be cached). The remaining arguments go to `FlowModel`.
     Components missing from the folder (no T5, no image encoder) are loaded as None.
     """

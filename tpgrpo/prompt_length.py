@@ -28,9 +28,10 @@ class PromptLengthCheck:
     """Checks prompts against the token limits of a pipeline's tokenizers.
 
     The tokenizers named in ``sequence_tokenizers`` (`FlowModel.sequence_tokenizers`: SD3's and
-    FLUX.1's T5, the Qwen tokenizers of Qwen-Image, FLUX.2 and Z-Image) read ``max_sequence_length``
-    tokens (what the pipeline passes); the others (CLIP) ``tokenizer.model_max_length``. Prompts are
-    counted bare: the chat template the Qwen families wrap them in takes a few tokens more. Use as a
+    FLUX.1's T5, the Qwen or Mistral tokenizers of Qwen-Image, FLUX.2 and Z-Image) read
+    ``max_sequence_length`` tokens (what the pipeline passes); the others (CLIP)
+    ``tokenizer.model_max_length``. Prompts are counted bare: the chat template these families wrap
+    them in (FLUX.2 [dev]'s with a system message) takes some tokens more. Use as a
     context around encoding: ``with check(prompts): flow.encode(prompts)``.
     """
 
@@ -45,6 +46,7 @@ class PromptLengthCheck:
         self.sequence_tokenizers = tuple(sequence_tokenizers)
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tokenizer = getattr(pipe, name, None)
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's (FLUX.2 [dev]'s PixtralProcessor)
             if tokenizer is None or any(tokenizer is t for _, t, _ in self.tokenizers):
                 continue
             by_sequence = name in self.sequence_tokenizers and max_sequence_length

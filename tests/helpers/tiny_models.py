@@ -6,6 +6,7 @@ from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -29,6 +30,8 @@ from transformers import (
     Mask2FormerConfig,
     Mask2FormerForUniversalSegmentation,
     Mask2FormerImageProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -131,14 +134,14 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>"]
 
 
-def tiny_tokenizer():
-    """Byte-level tokenizer without merges (every byte one token) plus GOT-OCR2's special tokens."""
+def tiny_tokenizer(special_tokens=SPECIAL_TOKENS):
+    """Byte-level tokenizer without merges (every byte one token) plus ``special_tokens`` (GOT-OCR2's and Qwen's)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     core = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=list(special_tokens)
     )
 
 
@@ -217,6 +220,41 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False) -> Flux
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=is_distilled)
+
+
+# the Mistral chat format: the FLUX.2 [dev] pipeline sends its system message and the prompt as text parts
+MISTRAL_SPECIAL_TOKENS = ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[IMG]"]
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% set tag = 'SYSTEM_PROMPT' if m['role'] == 'system' else 'INST' %}"
+    "[{{ tag }}]{% for part in m['content'] %}{{ part['text'] }}{% endfor %}[/{{ tag }}]{% endfor %}"
+)
+
+
+def tiny_flux2_dev_pipeline(seed: int = 0) -> Flux2Pipeline:
+    """FLUX.2 [dev] with one double and one single block and a guidance embedding, a Mistral 3 of
+    30 layers of width 8 (the pipeline stacks layers 10, 20 and 30) with a 1-layer Pixtral vision
+    tower, and a 2x VAE (32x32 images, 8x8x16 patchified latents). The real pipeline's tokenizer is
+    a PixtralProcessor, which needs torchvision; for text the pipeline only calls its tokenizer's
+    chat template, so the stand-in is a tokenizer with the Mistral chat format."""
+    tokenizer = tiny_tokenizer(SPECIAL_TOKENS + MISTRAL_SPECIAL_TOKENS)
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                         max_position_embeddings=1024, **_special_ids(tokenizer)),
+        vision_config=dict(model_type="pixtral", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=4, patch_size=4, image_size=32),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+    ))
+    vae = _small_vae(AutoencoderKLFlux2)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         transformer=transformer)
 
 
 def tiny_zimage_pipeline(seed: int = 0) -> ZImagePipeline:
