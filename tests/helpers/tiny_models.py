@@ -206,18 +206,24 @@ def tiny_qwenimage_pipeline(seed: int = 0) -> QwenImagePipeline:
                              transformer=transformer)
 
 
+def _flux2_parts(guidance_embeds: bool):
+    """A 2x FLUX.2 VAE, a FLUX.2 transformer of one double and one single block (text width 24) and FLUX.2's scheduler."""
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    return _small_vae(AutoencoderKLFlux2), transformer, scheduler
+
+
 def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False) -> Flux2KleinPipeline:
     """FLUX.2 [klein] with one double and one single block, a 28-layer Qwen3 of width 8 (the
     pipeline stacks layers 9, 18 and 27) and a 2x VAE (32x32 images, 8x8x16 patchified latents)."""
     tokenizer = chat_tokenizer()
     torch.manual_seed(seed)
     text_encoder = _qwen3(tokenizer, Qwen3ForCausalLM, num_layers=28, hidden_size=8)
-    vae = _small_vae(AutoencoderKLFlux2)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    vae, transformer, scheduler = _flux2_parts(guidance_embeds=False)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=is_distilled)
 
@@ -247,12 +253,7 @@ def tiny_flux2_dev_pipeline(seed: int = 0) -> Flux2Pipeline:
                            num_attention_heads=2, head_dim=4, patch_size=4, image_size=32),
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
     ))
-    vae = _small_vae(AutoencoderKLFlux2)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")
+    vae, transformer, scheduler = _flux2_parts(guidance_embeds=True)
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          transformer=transformer)
 
