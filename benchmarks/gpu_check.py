@@ -8,10 +8,12 @@ On one large GPU (the budget is 8 minutes) it records, into ``benchmarks/results
    memory, the first optimizer step's ratio range (``train/first_ratio_min`` / ``_max``), and the model FLOP utilisation from FLOPs counted
    with `torch.utils.flop_counter` on one transformer evaluation;
 2. the same TP-GRPO step with ``model.compute.compile`` (one warm-up batch compiles);
-3. single-device smoke runs of ``--trainer.strategy fsdp`` (FSDP1) and ``fsdp2`` on the shipped model.
+3. single-device smoke runs of ``--trainer.strategy fsdp`` (FSDP1) and ``fsdp2`` on the shipped model;
+4. a 2-step fit of each newer family's config (Qwen-Image, FLUX.2 [klein] and [dev], Z-Image: bf16
+   weights, bf16-mixed, the config's strategy) on the tiny random stand-in of its real classes.
 
-``--cpu`` is a reduced mode for the test suite (1 layer, 32 px, 2 images, no compile) so the
-script cannot rot; its figures mean nothing.
+``--cpu`` is a reduced mode for the test suite (1 layer, 32 px, 2 images, no compile, Z-Image's
+stand-in only) so the script cannot rot; its figures mean nothing.
 
     python benchmarks/gpu_check.py            # on a GPU machine
     python benchmarks/gpu_check.py --cpu      # the reduced check
@@ -35,6 +37,14 @@ from benchmarks.rollout import machine, sd35_medium_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_check.json"
 # dense bf16 tensor-core peaks (FLOP/s) by name fragment, from the vendors' data sheets
+# the newer families: config, the tiny stand-in's builder in tests/helpers/tiny_models.py, max_sequence_length
+# (its byte-level tokenizer spends a token per character of the chat template)
+FAMILY_STAND_INS = {
+    "qwenimage": ("configs/qwenimage.yaml", "tiny_qwenimage_pipeline", 200),
+    "flux2": ("configs/flux2_klein.yaml", "tiny_flux2_klein_pipeline", 96),
+    "flux2-dev": ("configs/flux2_dev.yaml", "tiny_flux2_dev_pipeline", 256),
+    "zimage": ("configs/zimage.yaml", "tiny_zimage_pipeline", 96),
+}
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 
@@ -74,20 +84,47 @@ def step_flops(result: dict, per_evaluation: float, window: int, kl: bool, check
     return rollout + update
 
 
-def smoke(strategy: str, work: Path, device: str) -> dict:
-    """A 2-step single-device fit of the shipped model under ``strategy``; its exit status and last lines."""
+def run_fit(arguments: list[str], work: Path, device: str) -> dict:
+    """A 2-step single-device ``train.py fit`` with ``arguments``, logging under ``work``; its exit
+    status, seconds and (when it failed) last lines."""
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
     command = [
-        sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.max_steps=2",
-        "--data.prompts_per_step=2", "--data.group_size=4", "--data.val_prompts=null",
-        f"--trainer.accelerator={accelerator}", "--trainer.devices=1", f"--trainer.strategy={strategy}",
-        f"--trainer.default_root_dir={work / strategy}", f"--trainer.logger.init_args.save_dir={work / strategy}",
-        "--trainer.enable_progress_bar=false",
+        sys.executable, "train.py", "fit", *arguments, "--trainer.max_steps=2", "--data.val_prompts=null",
+        f"--trainer.accelerator={accelerator}", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work}",
     ]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     return {"returncode": done.returncode, "seconds": time.perf_counter() - started,
             "tail": (done.stdout + done.stderr)[-1500:] if done.returncode else ""}
+
+
+def smoke(strategy: str, work: Path, device: str) -> dict:
+    """The shipped model under ``strategy`` on one device."""
+    arguments = ["--config", "configs/tiny.yaml", "--data.prompts_per_step=2", "--data.group_size=4",
+                 f"--trainer.strategy={strategy}"]
+    return run_fit(arguments, work / strategy, device)
+
+
+def family_smoke(family: str, work: Path, device: str) -> dict:
+    """The family's config (bf16 weights, bf16-mixed, its strategy) on the tiny random stand-in the
+    offline tests use: 32 px, 3 steps, 2 images, one device."""
+    from tests.helpers import tiny_models
+
+    config, build, max_sequence_length = FAMILY_STAND_INS[family]
+    folder = work / family / "model"
+    getattr(tiny_models, build)().save_pretrained(folder)
+    prompts = work / family / "prompts.txt"
+    prompts.write_text("a photo of a dog\na red cat on a bench\n")
+    arguments = [
+        "--config", config, f"--model.pretrained_path={folder}", f"--model.max_sequence_length={max_sequence_length}",
+        f"--data.train_prompts={prompts}", "--data.test_prompts=null", "--data.prompts_per_step=1",
+        "--data.group_size=2", "--model.rewards={jpeg_incompressibility: 1.0}", "--model.sampling.resolution=32",
+        "--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+        "--model.update.train_micro_batch=2", "--model.lora.rank=2", "--model.lora.alpha=4",
+        "--images.every_n_train_steps=0", f"--model.prompt_cache.folder={work / family / 'embeddings'}",
+    ]
+    return run_fit(arguments, work / family, device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,15 +185,19 @@ def main(argv: list[str] | None = None) -> dict:
         out["compile_speedup"] = runs["tp_eager"]["seconds"] / runs["tp_compiled"]["seconds"]
     out["flops_per_evaluation"] = per_evaluation
     out["strategies"] = {s: smoke(s, bench.work, device) for s in ("fsdp", "fsdp2") if within_budget(f"strategy {s}")}
+    families = ["zimage"] if args.cpu else list(FAMILY_STAND_INS)  # on a CPU one shows the code still runs
+    out["families"] = {f: family_smoke(f, bench.work, device) for f in families if within_budget(f"family {f}")}
     out["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
     tp = runs.get("tp_eager", {})
+    family_codes = " ".join(f"{family}={result['returncode']}" for family, result in out["families"].items())
     print(
         f"gpu check ({out['mode']}): TP-GRPO step {tp.get('seconds', float('nan')):.1f}s, "
         f"TP/Flow {out.get('step_time_ratio', float('nan')):.2f}, "
         f"first-step ratio max {tp.get('update_metrics', {}).get('train/first_ratio_max', float('nan')):.6f}, "
-        f"fsdp rc {out['strategies'].get('fsdp', {}).get('returncode')}, fsdp2 rc {out['strategies'].get('fsdp2', {}).get('returncode')}; "
+        f"fsdp rc {out['strategies'].get('fsdp', {}).get('returncode')}, fsdp2 rc {out['strategies'].get('fsdp2', {}).get('returncode')}, "
+        f"families rc {family_codes}; "
         f"{args.out}"
     )
     return out

@@ -22,6 +22,8 @@ def test_the_reduced_gpu_check_records_every_part(tmp_path):
     assert tp["model_flops"] == pytest.approx(step_flops(tp, out["flops_per_evaluation"], 2, kl=True, checkpointing=True))
     assert out["strategies"]["fsdp2"]["returncode"] == 0, out["strategies"]["fsdp2"]["tail"]
     assert "fsdp" in out["strategies"]  # FSDP1 is recorded whatever it does (it needs a GPU)
+    assert set(out["families"]) == {"zimage"}  # a GPU runs all four
+    assert out["families"]["zimage"]["returncode"] == 0, out["families"]["zimage"]["tail"]
     assert any("tp_compiled" in reason for reason in out["skipped"])
 
 
