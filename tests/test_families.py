@@ -13,13 +13,14 @@ import torch
 
 from tests.helpers.sampling import euler_sample
 from tests.helpers.tiny_models import (
+    processor_wrapped,
     tiny_flux2_dev_pipeline,
     tiny_flux2_klein_pipeline,
     tiny_qwenimage_pipeline,
     tiny_zimage_pipeline,
 )
 from tpgrpo.distributed import Collectives, is_sharded, transformer_blocks
-from tpgrpo.embedding_cache import EmbeddingCache
+from tpgrpo.embedding_cache import EmbeddingCache, model_fingerprint
 from tpgrpo.errors import UserInputError
 from tpgrpo.lora import DEFAULT_TARGET_MODULES, add_lora, disabled_adapter, full_tensor
 from tpgrpo.memory import is_lora_target
@@ -286,3 +287,26 @@ def test_flux2_dev_guides_through_its_embedding_and_refuses_an_unconditional_bra
     assert not torch.allclose(weak, strong)
     with pytest.raises(ValueError, match="guidance embedding, not classifier-free guidance"):
         model.velocity(x, 0.5, cond, 4.0, uncond=model.negative(1))
+
+
+def test_flux2_dev_reads_prompts_through_a_processor_as_the_hub_pipeline_holds_its_tokenizer():
+    """The hub's FLUX.2 [dev] tokenizer is a PixtralProcessor: encoding, the prompt-length check and
+    the embedding cache's fingerprint read the tokenizer inside it."""
+    import warnings
+
+    from tpgrpo.prompt_length import PromptLengthCheck
+
+    length = BY_NAME["flux2-dev"].max_sequence_length
+    plain = FlowModel.from_pipeline(tiny_flux2_dev_pipeline(), max_sequence_length=length)
+    pipe = tiny_flux2_dev_pipeline()
+    pipe.tokenizer = processor_wrapped(pipe.tokenizer)
+    wrapped = FlowModel.from_pipeline(pipe, max_sequence_length=length)
+    torch.testing.assert_close(wrapped.encode(PROMPTS).prompt_embeds, plain.encode(PROMPTS).prompt_embeds)
+    fingerprints = [model_fingerprint(model, "path")["tokenizers"]["tokenizer"] for model in (wrapped, plain)]
+    assert fingerprints[0][0] == "CLIPProcessor" and fingerprints[0][1:] == fingerprints[1][1:]
+    assert model_fingerprint(wrapped, "path")["system_message"] == pipe.system_message
+    check = PromptLengthCheck(pipe, length, wrapped.sequence_tokenizers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check.check(["a photo of " + "red circles and " * length])
+    assert any(f"reads at most {length}" in str(w.message) for w in caught)

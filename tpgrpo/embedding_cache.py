@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from tpgrpo.distributed import Collectives
 from tpgrpo.errors import UserInputError
-from tpgrpo.pipelines import FlowModel, PromptEmbeds
+from tpgrpo.pipelines import FlowModel, PromptEmbeds, text_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -48,9 +48,9 @@ def model_fingerprint(flow: FlowModel, pretrained_path: str) -> dict:
         if getattr(pipe, name, None) is not None
     }
     tokenizers = {
-        name: [type(getattr(pipe, name)).__name__, len(getattr(pipe, name)), getattr(pipe, name).model_max_length]
+        name: [type(tokenizer).__name__, len(text_tokenizer(tokenizer)), text_tokenizer(tokenizer).model_max_length]
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3")
-        if getattr(pipe, name, None) is not None
+        if (tokenizer := getattr(pipe, name, None)) is not None
     }
     return {
         "format": FORMAT,
@@ -60,6 +60,7 @@ def model_fingerprint(flow: FlowModel, pretrained_path: str) -> dict:
         "max_sequence_length": flow.max_sequence_length,
         "text_encoders": encoders,
         "tokenizers": tokenizers,
+        "system_message": getattr(pipe, "system_message", None),  # FLUX.2 [dev] encodes it before each prompt
     }
 
 

@@ -45,6 +45,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+from transformers import ProcessorMixin
 
 from tpgrpo.errors import UserInputError
 
@@ -726,6 +727,11 @@ def unpack_2x2(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     n, _, channels = tokens.shape
     c = channels // 4
     return tokens.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+def text_tokenizer(tokenizer):
+    """The tokenizer itself, or the one inside a processor (FLUX.2 [dev]'s PixtralProcessor)."""
+    return tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
 
 
 PIPELINE_FAMILIES: dict[str, type[FlowModel]] = {

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from tpgrpo.pipelines import text_tokenizer
+
 # messages of diffusers' encode_prompt helpers and of transformers' tokenizers about truncation
 _TRUNCATION_MESSAGES = ("input was truncated because", "Token indices sequence length is longer than")
 _TOKENIZER_LOGGER = "transformers.tokenization_utils_base"
@@ -46,7 +48,7 @@ class PromptLengthCheck:
         self.sequence_tokenizers = tuple(sequence_tokenizers)
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
             tokenizer = getattr(pipe, name, None)
-            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's (FLUX.2 [dev]'s PixtralProcessor)
+            tokenizer = text_tokenizer(tokenizer) if tokenizer is not None else None
             if tokenizer is None or any(tokenizer is t for _, t, _ in self.tokenizers):
                 continue
             by_sequence = name in self.sequence_tokenizers and max_sequence_length

@@ -239,9 +239,10 @@ MISTRAL_CHAT_TEMPLATE = (
 def tiny_flux2_dev_pipeline(seed: int = 0) -> Flux2Pipeline:
     """FLUX.2 [dev] with one double and one single block and a guidance embedding, a Mistral 3 of
     30 layers of width 8 (the pipeline stacks layers 10, 20 and 30) with a 1-layer Pixtral vision
-    tower, and a 2x VAE (32x32 images, 8x8x16 patchified latents). The real pipeline's tokenizer is
-    a PixtralProcessor, which needs torchvision; for text the pipeline only calls its tokenizer's
-    chat template, so the stand-in is a tokenizer with the Mistral chat format."""
+    tower, and a 2x VAE (32x32 images, 8x8x16 patchified latents). The hub pipeline's tokenizer is a
+    PixtralProcessor, which needs torchvision; for text a processor only applies its chat template
+    and calls its tokenizer, so the stand-in is a tokenizer with the Mistral chat format
+    (`processor_wrapped` puts it inside a processor, as the hub's is)."""
     tokenizer = tiny_tokenizer(SPECIAL_TOKENS + MISTRAL_SPECIAL_TOKENS)
     tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
     torch.manual_seed(seed)
@@ -256,6 +257,14 @@ def tiny_flux2_dev_pipeline(seed: int = 0) -> Flux2Pipeline:
     vae, transformer, scheduler = _flux2_parts(guidance_embeds=True)
     return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          transformer=transformer)
+
+
+def processor_wrapped(tokenizer):
+    """``tokenizer`` inside a processor with its chat template (a CLIPProcessor: it needs no
+    torchvision), the way FLUX.2 [dev]'s hub pipeline holds its tokenizer in a PixtralProcessor."""
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
+    processor.chat_template = tokenizer.chat_template  # CLIPProcessor's constructor takes none
+    return processor
 
 
 def tiny_zimage_pipeline(seed: int = 0) -> ZImagePipeline:
