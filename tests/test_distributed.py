@@ -1,4 +1,5 @@
-"""Multi-process training on CPU (gloo) through the CLI: DDP and FSDP2 against one process.
+"""Multi-process training on CPU (gloo) through the CLI: DDP and FSDP2 against one process, on the
+shipped model and on a masked family (Z-Image's tiny stand-in).
 
 Two ranks with 2 prompts each must compute what one process computes with the same 4 prompts:
 the same rewards, advantages and step losses (`tests.helpers.record.RecordSteps` writes what
@@ -18,11 +19,12 @@ pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them ou
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fit(tmp_path: Path, name: str, devices: int, strategy: str, *extra: str) -> Path:
-    """Run ``train.py fit`` (2 optimizer steps on the shipped model, 4 prompts × 4 images in all); return its folder."""
+def fit(tmp_path: Path, name: str, devices: int, strategy: str, *extra: str, config: str = "configs/tiny.yaml") -> Path:
+    """Run ``train.py fit`` (2 optimizer steps, 4 prompts × 4 images in all; ``config`` the shipped
+    model's unless ``extra`` names another); return its folder."""
     out = tmp_path / name
     args = [
-        sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
+        sys.executable, "train.py", "fit", "--config", config,
         "--model.sampling.num_steps=3", "--model.evaluation.num_steps=2", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
         "--model.lora.rank=4", "--model.lora.alpha=8", "--images.every_n_train_steps=0",
         "--model.credit.balance_scope=global",  # the spec balances per rank batch; global balancing is layout-free
@@ -142,6 +144,41 @@ def test_fsdp2_with_bf16_weights_and_mixed_precision_trains(tmp_path):
     weights = lora(run)
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert max(w.abs().max() for k, w in weights.items() if "lora_B" in k) > 0  # lora_B left zero
+
+
+@OTHER_WORKER
+def test_a_masked_family_on_two_fsdp2_ranks_computes_what_one_process_computes(tmp_path):
+    """Z-Image (prompts of different lengths, masked; captions as a list; its own blocks sharded): the
+    rank-sharded embedding cache and fsdp2 over two ranks give the one-process images, rewards, losses and LoRA."""
+    from tests.helpers.tiny_models import save_tiny_clip, tiny_zimage_pipeline
+
+    folder = tmp_path / "zimage"
+    tiny_zimage_pipeline().save_pretrained(folder)
+    texts = ["a dog", "a red cat on a wooden bench", "two birds", "a small blue car next to a tall tree"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(text + "\n" for text in texts))
+    # a smooth reward (a tiny CLIP's PickScore): JPEG sizes would turn float noise into whole bytes
+    clip = save_tiny_clip(tmp_path / "clip", " ".join(texts).split())
+    reward = f'{{pickscore: {{weight: 1.0, model: "{clip}", processor: "{clip}"}}}}'
+    model = [f"--model.pretrained_path={folder}", "--model.max_sequence_length=96", f"--data.train_prompts={prompts}",
+             "--data.test_prompts=null", f"--model.rewards={reward}", "--model.sampling.resolution=32",
+             "--model.weights_dtype=float32", "--trainer.precision=32-true", "--model.update.train_micro_batch=4"]
+    runs = {devices: fit(tmp_path, f"zimage{devices}", devices, "fsdp2", *model,
+                         f"--model.prompt_cache.folder={tmp_path / f'cache{devices}'}", config="configs/zimage.yaml")
+            for devices in (1, 2)}
+    single, double = steps(runs[1], 1), steps(runs[2], 2)
+    assert torch.equal(single["group_ids"], double["group_ids"])
+    # the images agree to float noise (padding to each rank's longest prompt changes the sums' order);
+    # the random CLIP and the group normalisation magnify it a little
+    torch.testing.assert_close(double["images"], single["images"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(double["rewards"], single["rewards"], rtol=0, atol=5e-4)
+    assert single["advantages"].abs().sum() > 0
+    torch.testing.assert_close(double["advantages"], single["advantages"], rtol=0, atol=5e-3)
+    torch.testing.assert_close(double["step_losses"], single["step_losses"], rtol=2e-3, atol=1e-6)
+    single_lora, double_lora = lora(runs[1]), lora(runs[2])
+    moved = max(value.abs().max() for key, value in single_lora.items() if "lora_B" in key)
+    assert single_lora.keys() == double_lora.keys() and moved > 1e-4
+    assert max((single_lora[k] - double_lora[k]).abs().max() for k in single_lora) < 1e-2 * moved
 
 
 @pytest.mark.parametrize("scope", ["rank", "global"])
