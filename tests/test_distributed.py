@@ -78,7 +78,7 @@ def fsdp2_run(tmp_path_factory):
     return fit(tmp_path_factory.mktemp("fsdp2"), "fsdp2", 2, "fsdp2")
 
 
-# the multi-process runs are the suite's longest: two groups of them run on two workers (`make test`)
+# the multi-process runs are the suite's longest: they run in three groups, which `make test` spreads over its workers
 OTHER_WORKER = pytest.mark.xdist_group("test_distributed_2")
 
 
@@ -146,7 +146,7 @@ def test_fsdp2_with_bf16_weights_and_mixed_precision_trains(tmp_path):
     assert max(w.abs().max() for k, w in weights.items() if "lora_B" in k) > 0  # lora_B left zero
 
 
-@OTHER_WORKER
+@pytest.mark.xdist_group("test_distributed_3")
 def test_a_masked_family_on_two_fsdp2_ranks_computes_what_one_process_computes(tmp_path):
     """Z-Image (prompts of different lengths, masked; captions as a list; its own blocks sharded): the
     rank-sharded embedding cache and fsdp2 over two ranks give the one-process images, rewards, losses and LoRA."""
