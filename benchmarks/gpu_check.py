@@ -36,15 +36,14 @@ from benchmarks import step as step_benchmark  # noqa: E402
 from benchmarks.rollout import machine, sd35_medium_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_check.json"
-# dense bf16 tensor-core peaks (FLOP/s) by name fragment, from the vendors' data sheets
-# the newer families: config, the tiny stand-in's builder in tests/helpers/tiny_models.py, max_sequence_length
-# (its byte-level tokenizer spends a token per character of the chat template)
+# the newer families: config and the builder of the tiny stand-in in tests/helpers/tiny_models.py
 FAMILY_STAND_INS = {
-    "qwenimage": ("configs/qwenimage.yaml", "tiny_qwenimage_pipeline", 200),
-    "flux2": ("configs/flux2_klein.yaml", "tiny_flux2_klein_pipeline", 96),
-    "flux2-dev": ("configs/flux2_dev.yaml", "tiny_flux2_dev_pipeline", 256),
-    "zimage": ("configs/zimage.yaml", "tiny_zimage_pipeline", 96),
+    "qwenimage": ("configs/qwenimage.yaml", "tiny_qwenimage_pipeline"),
+    "flux2": ("configs/flux2_klein.yaml", "tiny_flux2_klein_pipeline"),
+    "flux2-dev": ("configs/flux2_dev.yaml", "tiny_flux2_dev_pipeline"),
+    "zimage": ("configs/zimage.yaml", "tiny_zimage_pipeline"),
 }
+# dense bf16 tensor-core peaks (FLOP/s) by name fragment, from the vendors' data sheets
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 
@@ -111,7 +110,8 @@ def family_smoke(family: str, work: Path, device: str) -> dict:
     offline tests use: 32 px, 3 steps, 2 images, one device."""
     from tests.helpers import tiny_models
 
-    config, build, max_sequence_length = FAMILY_STAND_INS[family]
+    config, build = FAMILY_STAND_INS[family]
+    max_sequence_length = tiny_models.SEQUENCE_LENGTHS[family]
     folder = work / family / "model"
     getattr(tiny_models, build)().save_pretrained(folder)
     prompts = work / family / "prompts.txt"

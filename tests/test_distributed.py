@@ -150,7 +150,7 @@ def test_fsdp2_with_bf16_weights_and_mixed_precision_trains(tmp_path):
 def test_a_masked_family_on_two_fsdp2_ranks_computes_what_one_process_computes(tmp_path):
     """Z-Image (prompts of different lengths, masked; captions as a list; its own blocks sharded): the
     rank-sharded embedding cache and fsdp2 over two ranks give the one-process images, rewards, losses and LoRA."""
-    from tests.helpers.tiny_models import save_tiny_clip, tiny_zimage_pipeline
+    from tests.helpers.tiny_models import SEQUENCE_LENGTHS, save_tiny_clip, tiny_zimage_pipeline
 
     folder = tmp_path / "zimage"
     tiny_zimage_pipeline().save_pretrained(folder)
@@ -160,7 +160,8 @@ def test_a_masked_family_on_two_fsdp2_ranks_computes_what_one_process_computes(t
     # a smooth reward (a tiny CLIP's PickScore): JPEG sizes would turn float noise into whole bytes
     clip = save_tiny_clip(tmp_path / "clip", " ".join(texts).split())
     reward = f'{{pickscore: {{weight: 1.0, model: "{clip}", processor: "{clip}"}}}}'
-    model = [f"--model.pretrained_path={folder}", "--model.max_sequence_length=96", f"--data.train_prompts={prompts}",
+    model = [f"--model.pretrained_path={folder}", f"--model.max_sequence_length={SEQUENCE_LENGTHS['zimage']}",
+             f"--data.train_prompts={prompts}",
              "--data.test_prompts=null", f"--model.rewards={reward}", "--model.sampling.resolution=32",
              "--model.weights_dtype=float32", "--trainer.precision=32-true", "--model.update.train_micro_batch=4"]
     runs = {devices: fit(tmp_path, f"zimage{devices}", devices, "fsdp2", *model,

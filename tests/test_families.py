@@ -13,6 +13,7 @@ import torch
 
 from tests.helpers.sampling import euler_sample
 from tests.helpers.tiny_models import (
+    SEQUENCE_LENGTHS,
     processor_wrapped,
     tiny_flux2_dev_pipeline,
     tiny_flux2_klein_pipeline,
@@ -46,7 +47,7 @@ class Family:
     name: str
     build: Callable
     model_class: type
-    max_sequence_length: int  # the byte-level tokenizer spends a token per character of the chat template
+    max_sequence_length: int
     blocks: int  # repeated blocks of the tiny transformer
 
     def pipeline_kwargs(self, noise: torch.Tensor, guidance: float) -> dict:
@@ -60,10 +61,10 @@ class Family:
 
 
 FAMILIES = [
-    Family("qwenimage", tiny_qwenimage_pipeline, QwenImageModel, 200, blocks=1),
-    Family("flux2", tiny_flux2_klein_pipeline, Flux2Model, 96, blocks=2),
-    Family("flux2-dev", tiny_flux2_dev_pipeline, Flux2DevModel, 256, blocks=2),  # after its 168-character system message
-    Family("zimage", tiny_zimage_pipeline, ZImageModel, 96, blocks=3),
+    Family("qwenimage", tiny_qwenimage_pipeline, QwenImageModel, SEQUENCE_LENGTHS["qwenimage"], blocks=1),
+    Family("flux2", tiny_flux2_klein_pipeline, Flux2Model, SEQUENCE_LENGTHS["flux2"], blocks=2),
+    Family("flux2-dev", tiny_flux2_dev_pipeline, Flux2DevModel, SEQUENCE_LENGTHS["flux2-dev"], blocks=2),
+    Family("zimage", tiny_zimage_pipeline, ZImageModel, SEQUENCE_LENGTHS["zimage"], blocks=3),
 ]
 BY_NAME = {family.name: family for family in FAMILIES}
 ids = [family.name for family in FAMILIES]
@@ -207,7 +208,8 @@ def test_a_saved_folder_is_recognised(family, model, tmp_path):
 
 
 def test_a_step_distilled_flux2_refuses_guidance():
-    model = FlowModel.from_pipeline(tiny_flux2_klein_pipeline(is_distilled=True), max_sequence_length=96)
+    pipe = tiny_flux2_klein_pipeline(is_distilled=True)
+    model = FlowModel.from_pipeline(pipe, max_sequence_length=SEQUENCE_LENGTHS["flux2"])
     x = model.initial_noise(1, RESOLUTION)
     cond = model.encode(PROMPTS[:1])
     assert model.velocity(x, 0.5, cond, 1.0).shape == x.shape
@@ -279,7 +281,7 @@ def test_fit_trains_only_lora_and_the_export_loads_with_the_pipelines_own_loader
 
 
 def test_flux2_dev_guides_through_its_embedding_and_refuses_an_unconditional_branch():
-    model = FlowModel.from_pipeline(tiny_flux2_dev_pipeline(), max_sequence_length=BY_NAME["flux2-dev"].max_sequence_length)
+    model = FlowModel.from_pipeline(tiny_flux2_dev_pipeline(), max_sequence_length=SEQUENCE_LENGTHS["flux2-dev"])
     x = model.initial_noise(1, RESOLUTION, torch.Generator().manual_seed(7))
     cond = model.encode(PROMPTS[:1])
     with torch.no_grad():
@@ -296,7 +298,7 @@ def test_flux2_dev_reads_prompts_through_a_processor_as_the_hub_pipeline_holds_i
 
     from tpgrpo.prompt_length import PromptLengthCheck
 
-    length = BY_NAME["flux2-dev"].max_sequence_length
+    length = SEQUENCE_LENGTHS["flux2-dev"]
     plain = FlowModel.from_pipeline(tiny_flux2_dev_pipeline(), max_sequence_length=length)
     pipe = tiny_flux2_dev_pipeline()
     pipe.tokenizer = processor_wrapped(pipe.tokenizer)

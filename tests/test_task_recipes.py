@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.helpers.tiny_models import (
+    SEQUENCE_LENGTHS,
     save_tiny_detector,
     save_tiny_geneval_clip,
     save_tiny_got_ocr2,
@@ -37,8 +38,7 @@ def stand_ins(tmp_path_factory, tiny_model_dir):
     tiny_flux_pipeline().save_pretrained(flux)
     newer = {"qwenimage": tiny_qwenimage_pipeline, "flux2_klein": tiny_flux2_klein_pipeline,
              "flux2_dev": tiny_flux2_dev_pipeline, "zimage": tiny_zimage_pipeline}
-    # byte-level tokenizers spend a token per character of the chat template (FLUX.2 [dev]'s has a system message)
-    sequence_lengths = {"flux2_dev": 256}
+    families = {"qwenimage": "qwenimage", "flux2_klein": "flux2", "flux2_dev": "flux2-dev", "zimage": "zimage"}
     for name, build in newer.items():
         build().save_pretrained(root / name)
     (root / "geneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GENEVAL_RECORDS))
@@ -48,7 +48,7 @@ def stand_ins(tmp_path_factory, tiny_model_dir):
         "sd3": (str(tiny_model_dir), ["--model.sampling.resolution=32"]),
         "flux": (str(flux), ["--model.sampling.resolution=16", "--model.max_sequence_length=6"]),
         **{name: (str(root / name), ["--model.sampling.resolution=32",
-                                     f"--model.max_sequence_length={sequence_lengths.get(name, 200)}",
+                                     f"--model.max_sequence_length={SEQUENCE_LENGTHS[families[name]]}",
                                      "--trainer.strategy=auto"]) for name in newer},
         "detector": save_tiny_detector(root / "mask2former"),
         "clip": save_tiny_geneval_clip(root / "clip"),

@@ -2,7 +2,8 @@
 
 `FlowModel` wraps a diffusers pipeline (SD3 / SD3.5 through `SD3Model`, FLUX.1 through
 `FluxModel`, Qwen-Image through `QwenImageModel`, FLUX.2 [klein] through `Flux2Model`,
-FLUX.2 [dev] through `Flux2DevModel`, Z-Image through `ZImageModel`) and exposes what the rollout and the training step need:
+FLUX.2 [dev] through `Flux2DevModel`, Z-Image through `ZImageModel`) and exposes what the
+rollout and the training step need:
 
     cond = model.encode(prompts)                          # PromptEmbeds of N images, no grad
     sigmas = model.sigmas(num_steps, resolution)          # (T+1,) float32, 1 -> 0

@@ -134,6 +134,11 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<imgpad>"]
 
 
+# the max_sequence_length each newer family's stand-in runs with: its byte-level tokenizer spends a token
+# per character of the chat template (FLUX.2 [dev]'s holds a 168-character system message)
+SEQUENCE_LENGTHS = {"qwenimage": 200, "flux2": 96, "flux2-dev": 256, "zimage": 96}
+
+
 def tiny_tokenizer(special_tokens=SPECIAL_TOKENS):
     """Byte-level tokenizer without merges (every byte one token) plus ``special_tokens`` (GOT-OCR2's and Qwen's)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
