@@ -385,6 +385,20 @@ class FlowModel(nn.Module):
         """`velocity` after its checks; ``sigma`` is float32 (N,)."""
         raise NotImplementedError
 
+    def _embedded_guidance(
+        self, latents: torch.Tensor, guidance_scale: float, uncond: PromptEmbeds | None
+    ) -> torch.Tensor | None:
+        """``guidance_scale`` per image for a guidance-distilled transformer's guidance embedding
+        (FLUX.1-dev, FLUX.2 [dev]); None when the transformer has none. These families have no
+        unconditional branch, so ``uncond`` must be None."""
+        if uncond is not None:
+            raise ValueError(
+                f"{self.family} uses its guidance embedding, not classifier-free guidance: pass uncond=None"
+            )
+        if not self.transformer.config.guidance_embeds:
+            return None
+        return torch.full((len(latents),), float(guidance_scale), device=latents.device, dtype=torch.float32)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Images (N, 3, H, W) float32 in [0, 1] from latents (N, C, h, w), ``batch_size`` per VAE call."""
@@ -487,14 +501,10 @@ class FluxModel(FlowModel):
         return unpack_2x2(tokens, h, w)
 
     def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        if uncond is not None:
-            raise ValueError("FLUX uses its guidance embedding, not classifier-free guidance: pass uncond=None")
+        guidance = self._embedded_guidance(latents, guidance_scale, uncond)
         n, _, h, w = latents.shape
         device = latents.device
         cond = cond.to(self.dtype)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((n,), float(guidance_scale), device=device, dtype=torch.float32)
         out = transformer(
             hidden_states=self.pack(latents.to(self.dtype)),
             timestep=sigma,
@@ -652,12 +662,7 @@ class Flux2DevModel(Flux2Model):
     pipeline_class = Flux2Pipeline
 
     def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        if uncond is not None:
-            raise ValueError("FLUX.2 [dev] uses its guidance embedding, not classifier-free guidance: pass uncond=None")
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((len(latents),), float(guidance_scale), device=latents.device, dtype=torch.float32)
-        return self._forward(transformer, latents, sigma, cond, guidance)
+        return self._forward(transformer, latents, sigma, cond, self._embedded_guidance(latents, guidance_scale, uncond))
 
 
 class ZImageModel(FlowModel):
@@ -731,7 +736,7 @@ def unpack_2x2(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def text_tokenizer(tokenizer):
-    """The tokenizer itself, or the one inside a processor (FLUX.2 [dev]'s PixtralProcessor)."""
+    """The tokenizer itself (or None), or the one inside a processor (FLUX.2 [dev]'s PixtralProcessor)."""
     return tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
 
 

@@ -47,8 +47,7 @@ class PromptLengthCheck:
         self.tokenizers = []
         self.sequence_tokenizers = tuple(sequence_tokenizers)
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-            tokenizer = getattr(pipe, name, None)
-            tokenizer = text_tokenizer(tokenizer) if tokenizer is not None else None
+            tokenizer = text_tokenizer(getattr(pipe, name, None))
             if tokenizer is None or any(tokenizer is t for _, t, _ in self.tokenizers):
                 continue
             by_sequence = name in self.sequence_tokenizers and max_sequence_length
