@@ -120,7 +120,7 @@ def family_smoke(family: str, work: Path, device: str) -> dict:
         "--config", config, f"--model.pretrained_path={folder}", f"--model.max_sequence_length={max_sequence_length}",
         f"--data.train_prompts={prompts}", "--data.test_prompts=null", "--data.prompts_per_step=1",
         "--data.group_size=2", "--model.rewards={jpeg_incompressibility: 1.0}", "--model.sampling.resolution=32",
-        "--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+        "--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 2]",
         "--model.update.train_micro_batch=2", "--model.lora.rank=2", "--model.lora.alpha=4",
         "--images.every_n_train_steps=0", f"--model.prompt_cache.folder={work / family / 'embeddings'}",
     ]
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench = step_benchmark.parse_args([
         f"--device={device}", "--cases=sd3", f"--sd3-layers={layers}", f"--sd3-resolution={resolution}",
         f"--sd3-prompts={args.prompts}", f"--sd3-group={group}",
-        *(["--", "--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]"] if args.cpu else []),
+        *(["--", "--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 2]"] if args.cpu else []),
     ])
     folder = step_benchmark.save_sd3_shaped(bench.work / "sd3_shaped", layers, resolution)
     if args.cpu:  # four prompts: building the embedding cache of all GenEval prompts is not what this checks

@@ -126,7 +126,7 @@ def test_gradient_snr_benchmark_measures_the_shipped_model(tmp_path):
 
     args = argparse.Namespace(config="configs/tiny.yaml", prompts=2, batches=3, seed=0, tag="counting", threads=None,
                               out=str(tmp_path))
-    result = measure(args, ["--data.group_size=2", "--model.sampling.num_steps=3", "--model.sampling.window_range=[0,3]"])
+    result = measure(args, ["--data.group_size=2", "--model.sampling.num_steps=3", "--model.sampling.window_range=[0,2]"])
     assert result["images_per_batch"] == 4
     assert -1 <= result["cosine"] <= 1 and -1 <= result["noise_floor"] <= 1
     assert len(result["cosine_by_transition"]) == 2 and len(result["train_reward"]) == 3

@@ -25,7 +25,7 @@ def fit(tmp_path: Path, name: str, devices: int, strategy: str, *extra: str, con
     out = tmp_path / name
     args = [
         sys.executable, "train.py", "fit", "--config", config,
-        "--model.sampling.num_steps=3", "--model.evaluation.num_steps=2", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+        "--model.sampling.num_steps=3", "--model.evaluation.num_steps=2", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 2]",
         "--model.lora.rank=4", "--model.lora.alpha=8", "--images.every_n_train_steps=0",
         "--model.credit.balance_scope=global",  # the spec balances per rank batch; global balancing is layout-free
         "--model.optimizer.eps=1e-4",  # near-zero gradients: Adam's default eps turns float noise into full-size steps

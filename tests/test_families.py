@@ -218,7 +218,7 @@ def test_a_step_distilled_flux2_refuses_guidance():
 
 
 # ------------------------------------------------------------------- training through the CLI
-SHORT = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+SHORT = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 2]",
          "--data.prompts_per_step=1", "--data.group_size=2", "--data.val_prompts=null", "--trainer.max_steps=2",
          "--trainer.enable_progress_bar=false", "--images.every_n_train_steps=0",
          "--model.rewards={jpeg_incompressibility: 1.0}", f"--model.sampling.resolution={RESOLUTION}",

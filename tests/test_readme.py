@@ -28,7 +28,7 @@ COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
 # Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.
 SHORT_FIT = [
     "--trainer.max_steps=2", "--model.sampling.num_steps=3", "--model.evaluation.num_steps=2", "--model.sampling.window_size=2",
-    "--model.sampling.window_range=[0, 3]", "--data.prompts_per_step=2", "--data.group_size=4", "--data.eval_seeds=1",
+    "--model.sampling.window_range=[0, 2]", "--data.prompts_per_step=2", "--data.group_size=4", "--data.eval_seeds=1",
     "--data.eval_batch_size=8", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
     "--trainer.limit_predict_batches=1", "--trainer.enable_progress_bar=false",
 ]
@@ -226,7 +226,7 @@ def check_benchmark(command: str, work: Path) -> None:
         run([*script, "--cases=tiny,sd3", "--repeats=1", "--group=2", "--sd3-layers=1", "--sd3-resolution=32",
              "--sd3-group=1", f"--out={work / 'rollout.json'}"])
     elif "step.py" in argv[1]:
-        short = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+        short = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 2]",
                  "--data.prompts_per_step=1", "--data.group_size=2", "--model.update.train_micro_batch=null"]
         run([*script, "--sd3-layers=1", "--sd3-resolution=32", f"--out={work / 'step.json'}", "--", *cli, *short])
         results = json.loads((work / "step.json").read_text())

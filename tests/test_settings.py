@@ -39,7 +39,7 @@ def test_defaults_are_the_spec_recipe():
     [
         (SamplingConfig, {"noise_level": 0.0}, "sampling.noise_level must be in (0, 1]"),
         (SamplingConfig, {"noise_level": math.nan}, "sampling.noise_level"),
-        (SamplingConfig, {"num_steps": 4, "window_size": 5}, "sampling.window_size (5) must be between 1 and sampling.num_steps (4)"),
+        (SamplingConfig, {"num_steps": 4, "window_size": 5}, "sampling.window_size (5) must be between 1 and 3, the steps with noise of 4 'cps' steps"),
         (SamplingConfig, {"num_steps": 6, "window_size": 2, "window_range": (2, 3)}, "sampling.window_range (2, 3)"),
         (SamplingConfig, {"step_kind": "ode"}, "sampling.step_kind must be one of"),
         (CreditConfig, {"method": "bogus"}, "credit.method must be one of ['outcome', 'tp']"),
@@ -56,6 +56,46 @@ def test_groups_reject_bad_values_in_one_line(cls, values, message):
     with pytest.raises(UserInputError) as error:
         cls(**values)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "values, allowed",
+    [
+        ({"num_steps": 6, "window_size": 5, "window_range": (0, 6)}, "[0, 5]"),  # FLUX.1's old window could start at 1
+        ({"num_steps": 3, "window_size": 1, "window_range": (2, 3)}, "[1, 2]"),  # only the last step: nothing to train
+    ],
+)
+def test_a_cps_window_may_not_reach_the_noiseless_last_step(values, allowed):
+    with pytest.raises(UserInputError) as error:
+        SamplingConfig(**values)
+    message = str(error.value)
+    assert f"lets the window reach step {values['num_steps'] - 1}" in message and allowed in message and "\n" not in message
+
+
+def test_window_range_defaults_to_the_steps_with_noise():
+    # cps: the step into sigma 0 has std = sigma_next·sin(a·π/2) = 0; sde: std·sqrt(-dt) > 0 at every step
+    assert SamplingConfig(num_steps=10, window_size=9).window_range == (0, 9)
+    assert SamplingConfig(num_steps=10, window_size=9, step_kind="sde").window_range == (0, 10)
+    assert SamplingConfig(num_steps=6, window_size=6, step_kind="sde", window_range=(0, 6)).window_range == (0, 6)
+
+
+def _noise_of_each_step(config_path):
+    """The transition std of every step the config's window can cover, on a real flow-match schedule."""
+    import torch
+    import yaml
+
+    from tpgrpo.sde import step_std
+
+    sampling = SamplingConfig(**yaml.safe_load((ROOT / config_path).read_text())["model"]["sampling"])
+    sigmas = torch.linspace(1.0, 0.0, sampling.num_steps + 1)
+    lo, hi = sampling.window_range
+    stds = step_std(sigmas[lo:hi], sigmas[lo + 1 : hi + 1], sampling.noise_level, sampling.step_kind)
+    return stds if sampling.step_kind == "cps" else stds * (sigmas[lo:hi] - sigmas[lo + 1 : hi + 1]).sqrt()
+
+
+@pytest.mark.parametrize("config", MODEL_CONFIGS + ["configs/tiny.yaml"])
+def test_every_shipped_window_has_noise_at_every_step(config):
+    assert bool((_noise_of_each_step(config) > 0).all())
 
 
 def test_as_group_accepts_mappings_and_names_unknown_keys():

@@ -26,7 +26,7 @@ GENEVAL_RECORDS = [
     {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}], "prompt": "a photo of a red cat"},
 ]
 # the shortest run of each recipe: 1 prompt × 2 images per batch, 3 steps with a 2-step window, no evaluation
-SHORT = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 3]",
+SHORT = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 2]",
          "--data.prompts_per_step=1", "--data.group_size=2", "--data.val_prompts=null", "--trainer.max_steps=2",
          "--trainer.enable_progress_bar=false", "--images.every_n_train_steps=0"]
 

@@ -26,7 +26,7 @@ def cli_args(tmp_path, model_dir, prompts, *extra):
         "--model.sampling.num_steps=3",
         "--model.evaluation.num_steps=2",
         "--model.sampling.window_size=2",
-        "--model.sampling.window_range=[0, 3]",
+        "--model.sampling.window_range=[0, 2]",
         "--model.lora.rank=4",
         "--model.lora.alpha=8",
         "--model.update.optimizer_steps_per_batch=2",

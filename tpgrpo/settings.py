@@ -40,7 +40,8 @@ class SamplingConfig:
         noise_level: ``a`` of the SDE step.
         step_kind: "cps" (TP-GRPO default) or "sde" (Flow-GRPO).
         window_size: ``W``, number of stochastic (trained) steps.
-        window_range: ``(lo, hi)`` steps the window may cover; the start is drawn from [lo, hi-W].
+        window_range: ``(lo, hi)`` steps the window may cover; the start is drawn from [lo, hi-W]. It may
+            not reach a step without noise (the last "cps" step); None: every step with noise.
         same_noise_per_group: all images of a prompt start from the same initial noise.
         rollout_max_batch: most latents per transformer call during rollouts (None: no limit).
         decode_batch_size: most latents per VAE decode call.
@@ -57,6 +58,11 @@ class SamplingConfig:
     rollout_max_batch: Union[int, None] = None
     decode_batch_size: int = 16
 
+    @property
+    def last_noisy_step(self) -> int:
+        """Index of the last step whose transition has noise: a "cps" step into sigma 0 has none."""
+        return self.num_steps - 2 if self.step_kind == "cps" else self.num_steps - 1
+
     def __post_init__(self) -> None:
         _check(self.resolution > 0, f"sampling.resolution must be > 0, got {self.resolution}")
         _check(self.num_steps >= 1, f"sampling.num_steps must be >= 1, got {self.num_steps}")
@@ -71,19 +77,26 @@ class SamplingConfig:
         )
         _check(self.step_kind in STEP_KINDS, f"sampling.step_kind must be one of {STEP_KINDS}, got {self.step_kind!r}")
         _check(
-            1 <= self.window_size <= self.num_steps,
-            f"sampling.window_size ({self.window_size}) must be between 1 and sampling.num_steps "
-            f"({self.num_steps}); lower window_size or raise num_steps",
+            1 <= self.window_size <= self.last_noisy_step + 1,
+            f"sampling.window_size ({self.window_size}) must be between 1 and {self.last_noisy_step + 1}, the steps "
+            f"with noise of {self.num_steps} {self.step_kind!r} steps; lower window_size or raise num_steps",
         )
-        if self.window_range is not None:
-            _check(len(self.window_range) == 2, f"sampling.window_range must be [lo, hi], got {self.window_range}")
-            lo, hi = self.window_range
-            _check(
-                0 <= lo < hi <= self.num_steps and hi - lo >= self.window_size,
-                f"sampling.window_range {tuple(self.window_range)} must satisfy 0 <= lo < hi <= num_steps "
-                f"({self.num_steps}) and hold window_size ({self.window_size}) steps",
-            )
-            object.__setattr__(self, "window_range", (int(lo), int(hi)))
+        if self.window_range is None:
+            object.__setattr__(self, "window_range", (0, self.last_noisy_step + 1))
+        _check(len(self.window_range) == 2, f"sampling.window_range must be [lo, hi], got {self.window_range}")
+        lo, hi = self.window_range
+        _check(
+            0 <= lo < hi <= self.num_steps and hi - lo >= self.window_size,
+            f"sampling.window_range {tuple(self.window_range)} must satisfy 0 <= lo < hi <= num_steps "
+            f"({self.num_steps}) and hold window_size ({self.window_size}) steps",
+        )
+        _check(
+            hi <= self.last_noisy_step + 1,
+            f"sampling.window_range {tuple(self.window_range)} lets the window reach step {self.num_steps - 1}, whose "
+            f"{self.step_kind!r} transition ends at sigma 0 with no noise (no log-prob, no gradient); "
+            f"use window_range [{min(lo, self.last_noisy_step + 1 - self.window_size)}, {self.last_noisy_step + 1}]",
+        )
+        object.__setattr__(self, "window_range", (int(lo), int(hi)))
         _check(
             self.rollout_max_batch is None or self.rollout_max_batch >= 1,
             f"sampling.rollout_max_batch must be >= 1 or null, got {self.rollout_max_batch}",
