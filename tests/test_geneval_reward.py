@@ -58,7 +58,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reward(models):
-    return GenEvalReward(detector=models[0], clip=models[1])
+    return GenEvalReward(detector=models[0], clip=models[1], detector_size=None)  # the tiny processor's 64 px: fast
 
 
 def images(count=4, size=48, seed=0):
@@ -114,6 +114,8 @@ def test_missing_weights_give_a_clear_error(models, tmp_path):
         (dict(dtype="float64"), "dtype must be one of float32, float16, bfloat16"),
         (dict(device="gpu:0"), "device 'gpu:0' is not a torch device"),
         (dict(position_threshold=-1), "position_threshold must be >= 0"),
+        (dict(detector_size={"shortest_edge": 800}), "detector_size must be {shortest_edge: int, longest_edge: int}"),
+        (dict(detector_size={"shortest_edge": 900, "longest_edge": 800}), "1 <= shortest_edge <= longest_edge"),
     ],
 )
 def test_bad_options_are_refused(options, message):
@@ -338,3 +340,38 @@ def test_server_command_line_reports_missing_models(tmp_path, capsys):
         main(["--scorer", "geneval", "--detector", str(tmp_path / "none"), "--device", "cpu", "--port", "0"])
     with pytest.raises(ValueError, match="unknown scorer 'yolo'"):
         build_scorer("yolo")
+
+
+def _detector_input_sizes(reward, monkeypatch, pictures):
+    """The (height, width) of the pixels that reach the detector when ``reward`` scores ``pictures``."""
+    seen = []
+    forward = reward.detector.forward
+
+    def recorded(pixel_values, pixel_mask=None, **kwargs):
+        seen.append(tuple(pixel_values.shape[-2:]))
+        return forward(pixel_values=pixel_values, pixel_mask=pixel_mask, **kwargs)
+
+    monkeypatch.setattr(reward.detector, "forward", recorded)
+    reward(pictures, ["p"] * len(pictures), RECORDS[: len(pictures)])
+    return seen
+
+
+@pytest.mark.parametrize(
+    "side, size, expected",
+    [
+        (48, gd.GENEVAL_DETECTOR_SIZE, (800, 800)),  # GenEval's default: a square image's side becomes 800
+        (48, {"shortest_edge": 64, "longest_edge": 96}, (64, 64)),
+        (48, None, (64, 64)),  # the processor's own size (the tiny detector's processor says 64)
+    ],
+)
+def test_the_configured_detector_size_reaches_the_model(models, monkeypatch, side, size, expected):
+    reward = GenEvalReward(detector=models[0], clip=models[1], detector_size=size)
+    assert _detector_input_sizes(reward, monkeypatch, images(1, size=side)) == [expected]
+
+
+def test_a_wide_image_keeps_its_aspect_until_the_longer_edge_cap(models, monkeypatch):
+    reward = GenEvalReward(detector=models[0], clip=models[1], detector_size={"shortest_edge": 64, "longest_edge": 96})
+    wide = torch.rand(1, 3, 20, 60, generator=torch.Generator().manual_seed(0))
+    # 20 -> 64 would make the long side 192 > 96, so the long side is capped: 60 -> 96, 20 -> 32;
+    # both are multiples of the processor's size_divisor (32), so no padding is added
+    assert _detector_input_sizes(reward, monkeypatch, wide) == [(32, 96)]

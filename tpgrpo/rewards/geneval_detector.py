@@ -3,7 +3,10 @@
 Per image, as GenEval's ``evaluate_images.py``:
 
 1. Detection: a Mask2Former trained on COCO instances (GenEval: Swin-S via mmdet; here by default
-   the transformers checkpoint of the same family and size, ``facebook/mask2former-swin-small-coco-instance``).
+   the transformers checkpoint of the same family and size, ``facebook/mask2former-swin-small-coco-instance``),
+   run at GenEval's test-time size: the shorter edge resized to 800 and the longer edge to at most
+   1333, keeping the aspect ratio (a 512 px image is seen at 800 × 800), padded to a multiple of 32
+   (`GENEVAL_DETECTOR_SIZE`; ``detector_size: null`` keeps the size the checkpoint's processor sets).
    Instances scoring above ``threshold`` (``counting_threshold`` for records tagged ``counting``)
    are kept, at most ``max_per_class`` per class, most confident first; the detector's class
    names are mapped onto GenEval's 80 object names (`GENEVAL_OBJECTS`, `map_labels`). A box is
@@ -13,6 +16,14 @@ Per image, as GenEval's ``evaluate_images.py``:
    (default ``openai/clip-vit-large-patch14``, GenEval's ViT-L/14) among GenEval's ten `COLORS`,
    against the per-colour mean of the unit text embeddings of `COLOR_TEMPLATES` (`color_classifier`).
 3. Verdict: `tpgrpo.rewards.geneval.judge` on the detections.
+
+What still differs from GenEval's ``evaluate_images.py``: the detector is the transformers port of
+Mask2Former, not mmdet's, and its post-processing is transformers'
+(``post_process_instance_segmentation``: per-query class scores times mask scores, binary masks
+thresholded at 0.5 on the upsampled mask logits) where mmdet ranks the top 100 query-class pairs;
+the image is resized with PIL's bilinear filter where mmdet uses OpenCV's; a box is the extent of
+the mask, where GenEval takes mmdet's predicted box. Counting, colours and positions follow
+GenEval's rules (`tpgrpo.rewards.geneval.judge`).
 
 The reward returns ``geneval`` (judge's dense score), ``geneval/strict``, ``geneval/correct``
 and ``geneval/<tag>`` for each of GenEval's six tags (``correct`` for records of that tag, NaN
@@ -58,6 +69,8 @@ COLOR_TEMPLATES: tuple[str, ...] = (
     "a photo of a {c} {object}", "a photo of a {c}-colored {object}", "a photo of a {c} object",
 )
 GREY = (153, 153, 153)  # GenEval's background #999 outside an object's mask
+# GenEval's mmdet test pipeline: Resize(scale=(1333, 800), keep_ratio=True)
+GENEVAL_DETECTOR_SIZE: dict[str, int] = {"shortest_edge": 800, "longest_edge": 1333}
 
 # Other spellings of the COCO classes (COCO's own, Pascal VOC's, and a few common variants),
 # after `_normalise`, mapped to GenEval's names.
@@ -195,7 +208,9 @@ class GenEvalReward(FrozenModelReward):
     and its image processor), ``clip`` (folder or hub id of a CLIP model and its processor),
     ``threshold`` (detection confidence, GenEval 0.3), ``counting_threshold`` (for ``counting``
     records, GenEval 0.9), ``max_per_class`` (GenEval 16), ``position_threshold`` (GenEval
-    0.1), ``device`` (where the models run, e.g. "cuda:1"; default: the images' device),
+    0.1), ``detector_size`` (the detector's input size, ``{shortest_edge, longest_edge}``;
+    default GenEval's 800 / 1333; null: the size the detector's processor sets),
+    ``device`` (where the models run, e.g. "cuda:1"; default: the images' device),
     ``dtype`` ("float32", "float16" or "bfloat16"), ``detector_batch_size`` (images per detector
     call; default: the whole batch), ``clip_batch_size`` (crops per CLIP call).
     """
@@ -208,6 +223,7 @@ class GenEvalReward(FrozenModelReward):
         counting_threshold: float = 0.9,
         max_per_class: int = 16,
         position_threshold: float = POSITION_THRESHOLD,
+        detector_size: Mapping[str, int] | None = GENEVAL_DETECTOR_SIZE,
         device: str | None = None,
         dtype: str = "float32",
         detector_batch_size: int | None = None,
@@ -225,6 +241,17 @@ class GenEvalReward(FrozenModelReward):
             )
         if not position_threshold >= 0:
             raise RewardConfigError(f"geneval: position_threshold must be >= 0, got {position_threshold}")
+        if detector_size is not None:
+            edges = dict(detector_size)
+            if set(edges) != {"shortest_edge", "longest_edge"} or not all(
+                isinstance(v, int) and v >= 1 for v in edges.values()
+            ) or edges["shortest_edge"] > edges["longest_edge"]:
+                raise RewardConfigError(
+                    "geneval: detector_size must be {shortest_edge: int, longest_edge: int} with "
+                    f"1 <= shortest_edge <= longest_edge, or null for the processor's size; got {detector_size}"
+                )
+            detector_size = edges
+        self.detector_size = detector_size
         if dtype not in DTYPES:
             raise RewardConfigError(f"geneval: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         try:
@@ -264,7 +291,8 @@ class GenEvalReward(FrozenModelReward):
         found: list[dict[str, list[Detection]]] = []
         for start in range(0, len(arrays), step):
             chunk = [Image.fromarray(array) for array in arrays[start : start + step]]
-            inputs = self.detector_processor(images=chunk, return_tensors="pt")
+            resize = {} if self.detector_size is None else {"size": self.detector_size}
+            inputs = self.detector_processor(images=chunk, return_tensors="pt", **resize)
             outputs = self.detector(
                 pixel_values=inputs["pixel_values"].to(parameter.device, parameter.dtype),
                 pixel_mask=inputs["pixel_mask"].to(parameter.device),
