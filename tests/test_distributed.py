@@ -206,3 +206,20 @@ def test_balance_scope_balances_over_this_rank_or_all_ranks(tiny_model_dir, scop
     # the turning points returned (and logged) are the ones that trained, also when balanced globally
     expected = credit.turning_points(own) if scope == "rank" else credit.turning_points(torch.cat([own, other]))[:4]
     assert torch.equal(kept, expected)
+
+
+def test_minibatch_scope_balances_each_sampling_minibatch_of_the_rank(tiny_model_dir):
+    """The research code's scope: rows 0-1 and rows 2-3 of this rank are balanced apart."""
+    from tpgrpo import credit
+    from tpgrpo.module import TPGRPOModule
+
+    model = TPGRPOModule(
+        pretrained_path=str(tiny_model_dir), sampling={"num_steps": 3, "window_size": 2},
+        credit={"balance_scope": "minibatch", "balance_minibatch": 2},
+    )
+    # each row flags step 0; rows 0, 2, 3 rise and row 1 falls: over all four rows one rising turning point
+    # would be dropped, in mini-batches of two none is
+    own = torch.tensor([[0.0, 1, 2], [0, -1, -2], [0, 1, 3], [0, 2, 3]])
+    per_step, _, kept = model.grpo.credit_and_advantages(own, torch.tensor([0, 0, 1, 1]))
+    assert kept[:, 0].all() and credit.turning_points(own)[:, 0].sum() == 2
+    torch.testing.assert_close(per_step, credit.turning_point_rewards(own, balance_chunk=2))

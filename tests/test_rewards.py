@@ -6,6 +6,7 @@ localhost; Tesseract tests are skipped when the program is absent.
 """
 import contextlib
 import http.server
+import io
 import importlib.util
 import json
 import math
@@ -201,7 +202,14 @@ def test_jpeg_noise_is_less_compressible_than_flat_images():
     images = torch.cat([flat, noise])
     sizes = JpegIncompressibility()(images, ["x"] * 4)["jpeg_incompressibility"]
     assert sizes.shape == (4,) and sizes[2:].min() > 4 * sizes[:2].max()
-    assert torch.equal(JpegCompressibility()(images, ["x"] * 4)["jpeg_compressibility"], -sizes)
+    # Flow-GRPO's scales: incompressibility in kB, compressibility -kB/500
+    assert torch.allclose(JpegCompressibility()(images, ["x"] * 4)["jpeg_compressibility"], -sizes / 500)
+    assert torch.allclose(JpegCompressibility(kilobytes_per_unit=1)(images, ["x"] * 4)["jpeg_compressibility"], -sizes)
+    encoded = io.BytesIO()
+    Image.fromarray((noise[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(encoded, "JPEG", quality=95)
+    assert sizes[2].item() == pytest.approx(encoded.tell() / 1000)
+    with pytest.raises(RewardConfigError, match="jpeg_compressibility: quality must be in"):
+        JpegCompressibility(quality=0)
 
 
 # ------------------------------------------------------------------------------------------- OCR

@@ -97,21 +97,35 @@ def balance_turning_points(flags: Tensor, trend: Tensor) -> Tensor:
     return kept
 
 
-def turning_points(rewards: Tensor, balance: bool = True) -> Tensor:
-    """Turning points that receive the long-term reward: (B, W+1) -> bool (B, W)."""
+def turning_points(rewards: Tensor, balance: bool = True, balance_chunk: int | None = None) -> Tensor:
+    """Turning points that receive the long-term reward: (B, W+1) -> bool (B, W).
+
+    With ``balance``, they are balanced over all B rows, or, with ``balance_chunk`` = k, over each
+    run of k consecutive rows separately (the last run may be shorter), as the research code
+    balances each sampling mini-batch.
+    """
     flags = raw_turning_points(rewards)
     if not balance:
         return flags
-    return balance_turning_points(flags, rewards[:, -1] - rewards[:, 0])
+    if balance_chunk is not None and balance_chunk < 1:
+        raise ValueError(f"balance_chunk must be >= 1 or None, got {balance_chunk}")
+    trend = rewards[:, -1] - rewards[:, 0]
+    chunk = balance_chunk or len(rewards)
+    if chunk >= len(rewards):
+        return balance_turning_points(flags, trend)
+    parts = [balance_turning_points(flags[i : i + chunk], trend[i : i + chunk]) for i in range(0, len(rewards), chunk)]
+    return torch.cat(parts)
 
 
 @register_credit("tp")
-def turning_point_rewards(rewards: Tensor, eta: float = 1.0, balance: bool = True) -> Tensor:
+def turning_point_rewards(
+    rewards: Tensor, eta: float = 1.0, balance: bool = True, balance_chunk: int | None = None
+) -> Tensor:
     """TP-GRPO per-step rewards (spec §3): (B, W+1) -> (B, W).
 
     ``r_t = η·(R_W - R_t)`` at kept turning points (see `turning_points`), ``d_t`` elsewhere.
     """
-    kept = turning_points(rewards, balance=balance)
+    kept = turning_points(rewards, balance=balance, balance_chunk=balance_chunk)
     long_term = eta * (rewards[:, -1:] - rewards[:, :-1])
     return torch.where(kept, long_term, incremental_rewards(rewards))
 

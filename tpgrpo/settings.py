@@ -104,6 +104,9 @@ class SamplingConfig:
         _check(self.decode_batch_size >= 1, f"sampling.decode_batch_size must be >= 1, got {self.decode_batch_size}")
 
 
+BALANCE_SCOPES = ("rank", "global", "minibatch")
+
+
 @dataclass(frozen=True)
 class CreditConfig:
     """How rewards become per-step rewards and advantages.
@@ -112,7 +115,11 @@ class CreditConfig:
         method: "tp" (turning points, TP-GRPO) or "outcome" (Flow-GRPO: every step gets R_W).
         eta: scale of the long-term reward given at turning points.
         balance: balance turning points of rising and falling trajectories.
-        balance_scope: "rank" (spec: over each rank's batch) or "global" (over all ranks' batches).
+        balance_scope: "rank" (spec: over each rank's batch), "global" (over all ranks' batches) or
+            "minibatch" (the research code's: over each run of ``balance_minibatch`` consecutive images
+            of a rank's batch, as it balances each sampling mini-batch on each GPU).
+        balance_minibatch: images per balanced mini-batch with ``balance_scope: minibatch`` (the research
+            code's per-GPU sampling batch).
         branch_steps: approximation, off (None) by default: complete branches with this many ODE steps.
         advantage_clip: advantages are clamped to ``±advantage_clip``.
         advantage_eps: added to the group std.
@@ -123,6 +130,7 @@ class CreditConfig:
     eta: float = 1.0
     balance: bool = True
     balance_scope: str = "rank"
+    balance_minibatch: Union[int, None] = None
     branch_steps: Union[int, None] = None
     advantage_clip: float = 5.0
     advantage_eps: float = 1e-4
@@ -132,8 +140,17 @@ class CreditConfig:
         _check(self.method in CREDITS, f"credit.method must be one of {sorted(CREDITS)}, got {self.method!r}")
         _check(_finite(self.eta) and self.eta >= 0, f"credit.eta must be >= 0 and finite, got {self.eta}")
         _check(
-            self.balance_scope in ("rank", "global"),
-            f'credit.balance_scope must be "rank" or "global", got {self.balance_scope!r}',
+            self.balance_scope in BALANCE_SCOPES,
+            f"credit.balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}",
+        )
+        _check(
+            (self.balance_scope == "minibatch") == (self.balance_minibatch is not None),
+            "credit.balance_minibatch (images per balanced mini-batch) goes with balance_scope: minibatch, and only "
+            f"with it; got balance_scope {self.balance_scope!r} and balance_minibatch {self.balance_minibatch}",
+        )
+        _check(
+            self.balance_minibatch is None or self.balance_minibatch >= 1,
+            f"credit.balance_minibatch must be >= 1, got {self.balance_minibatch}",
         )
         _check(
             self.branch_steps is None or self.branch_steps >= 1,

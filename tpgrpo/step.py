@@ -206,17 +206,19 @@ class GRPOStep:
         """Per-step rewards and advantages (N, W) of this rank's images from their rewards (N, W+1),
         and the turning points that got the long-term reward (bool (N, W); None for outcome credit).
 
-        Turning points are balanced over this rank's batch (spec §3) or, with
-        ``balance_scope="global"``, over all ranks' batches; ``global_std`` divides by the std of
+        Turning points are balanced over this rank's batch (spec §3), with ``balance_scope="global"``
+        over all ranks' batches, with ``"minibatch"`` over each ``balance_minibatch`` images of this
+        rank's batch in turn; ``global_std`` divides by the std of
         all ranks' step rewards. Groups are never split over ranks (`tpgrpo.data.GroupSampler`).
         """
         credit, comm = self.credit, self.comm()
         own = slice(comm.rank * len(group_ids), (comm.rank + 1) * len(group_ids))
         shared = comm.world_size > 1
         rows = comm.gather_rows(sequence) if credit.balance_scope == "global" and shared else sequence
-        options = {"eta": credit.eta, "balance": credit.balance} if credit.method == "tp" else {"num_steps": self.sampling.window_size}
+        balance = {"balance": credit.balance, "balance_chunk": credit.balance_minibatch}
+        options = {"eta": credit.eta, **balance} if credit.method == "tp" else {"num_steps": self.sampling.window_size}
         per_step = credit_rules.step_rewards(credit.method, rows, **options)
-        kept = credit_rules.turning_points(rows, balance=credit.balance) if credit.method == "tp" else None
+        kept = credit_rules.turning_points(rows, **balance) if credit.method == "tp" else None
         if rows is not sequence:
             per_step, kept = per_step[own], kept[own] if kept is not None else None
         if credit.global_std and shared:

@@ -1,4 +1,9 @@
-"""JPEG (in)compressibility rewards of Flow-GRPO / DDPO: the file size of the JPEG-encoded image."""
+"""JPEG (in)compressibility rewards of Flow-GRPO / DDPO: the file size of the JPEG-encoded image.
+
+Scales as Flow-GRPO's ``jpeg_compressibility`` and ``jpeg_incompressibility``, so that their
+recipes' reward weights mean the same here: compressibility is minus the size in kB divided by
+500, incompressibility the size in kB.
+"""
 from __future__ import annotations
 
 import io
@@ -8,7 +13,7 @@ import torch
 from PIL import Image
 
 from tpgrpo.images import to_uint8
-from tpgrpo.rewards.base import Reward, register_reward
+from tpgrpo.rewards.base import Reward, RewardConfigError, register_reward
 
 
 def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
@@ -21,21 +26,31 @@ def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
-@register_reward("jpeg_compressibility")
-class JpegCompressibility(Reward):
-    """Minus the JPEG size in kB: flat, simple images score higher."""
+@register_reward("jpeg_incompressibility")
+class JpegIncompressibility(Reward):
+    """The JPEG size in kB divided by ``kilobytes_per_unit`` (Flow-GRPO: 1): detailed, busy images score higher.
 
-    def __init__(self, quality: int = 95):
+    Options: ``quality`` (JPEG quality, 95), ``kilobytes_per_unit``.
+    """
+
+    sign, default_kilobytes_per_unit = 1.0, 1.0
+
+    def __init__(self, quality: int = 95, kilobytes_per_unit: float | None = None):
         super().__init__()
         self.quality = quality
+        self.kilobytes_per_unit = float(kilobytes_per_unit or self.default_kilobytes_per_unit)
+        if not 1 <= quality <= 100 or self.kilobytes_per_unit <= 0:
+            raise RewardConfigError(
+                f"{self.name}: quality must be in [1, 100] and kilobytes_per_unit > 0, got {quality} and {kilobytes_per_unit}"
+            )
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        return {self.name: -jpeg_kilobytes(images, self.quality).to(images.device)}
+        sizes = jpeg_kilobytes(images, self.quality) / self.kilobytes_per_unit
+        return {self.name: (self.sign * sizes).to(images.device)}
 
 
-@register_reward("jpeg_incompressibility")
-class JpegIncompressibility(JpegCompressibility):
-    """The JPEG size in kB: detailed, busy images score higher."""
+@register_reward("jpeg_compressibility")
+class JpegCompressibility(JpegIncompressibility):
+    """Minus the JPEG size in kB divided by ``kilobytes_per_unit`` (Flow-GRPO: 500): flat, simple images score higher."""
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        return {self.name: jpeg_kilobytes(images, self.quality).to(images.device)}
+    sign, default_kilobytes_per_unit = -1.0, 500.0
