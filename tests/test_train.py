@@ -235,6 +235,34 @@ def test_test_and_predict_subcommands(tmp_path, tiny_model_dir, prompt_file):
     assert len(written) == 4 and written[0].endswith("_seed0.png")
 
 
+def test_evaluation_rewards_are_scored_and_logged_beside_the_training_reward(tmp_path, tiny_model_dir, prompt_file):
+    from tpgrpo.evaluation import mean_and_stderr
+
+    # jpeg_incompressibility (training, kB) also appears among the evaluation rewards: it is left out
+    watched = "--model.eval_rewards={jpeg_compressibility: {}, jpeg_incompressibility: {quality: 50}}"
+    args = [*cli_args(tmp_path, tiny_model_dir, prompt_file), watched, f"--data.test_prompts={prompt_file}"]
+    results = EvalResults()
+    tested = build_cli([*args, "--data.eval_seeds=2"], run=False)
+    assert tested.model.eval_reward_options == {"jpeg_compressibility": {}}
+    assert tested.model.hparams["eval_rewards"] == {"jpeg_compressibility": {}}
+    tested.trainer.callbacks.append(results)
+    tested.trainer.test(tested.model, datamodule=tested.datamodule)
+    scores = results.latest("test").scores
+    # the same images, scored by both: Flow-GRPO's compressibility is -kB / 500 at the same JPEG quality
+    torch.testing.assert_close(scores["jpeg_compressibility"], -scores["jpeg_incompressibility"] / 500)
+    mean, stderr = mean_and_stderr(scores["jpeg_compressibility"])
+    logged = tested.trainer.callback_metrics
+    assert float(logged["test/jpeg_compressibility"]) == pytest.approx(mean, rel=1e-5)
+    assert float(logged["test/jpeg_compressibility_stderr"]) == pytest.approx(stderr, rel=1e-5) and stderr > 0
+    assert "test/reward_stderr" in logged
+    assert float(logged["test/reward"]) == pytest.approx(float(scores["reward"].mean()), rel=1e-5)
+
+
+def test_an_unknown_evaluation_reward_is_one_line(tmp_path, tiny_model_dir, prompt_file, capsys):
+    err = run_main(capsys, ["fit", *cli_args(tmp_path, tiny_model_dir, prompt_file), "--model.eval_rewards={aesthetik: {}}"])
+    assert "eval_rewards.aesthetik: unknown reward; available:" in err
+
+
 # ------------------------------------------------------------------------------- base callbacks
 def demo_trainer(tmp_path, model_dir, *extra):
     """The trainer of `make demo`'s config (configs/tiny.yaml) on the small random model, with the base

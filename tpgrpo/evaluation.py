@@ -1,7 +1,7 @@
 """Evaluation apart from the module: deterministic samples, per-image results and their summaries.
 
 `sample` draws the ODE samples that validation, test and predict score; `summarise_over_ranks`
-computes what needs every rank's images (the reward's standard error, GenEval's overall score);
+computes what needs every rank's images (standard errors, GenEval's overall score);
 `mean_and_stderr` is the one place that computes a mean with its standard error; `EvalResults`
 is the callback that hands each evaluation's per-image scores to whoever asks (the demo, the
 held-out curve, notebooks) as an explicit `EvalResult`.
@@ -55,31 +55,42 @@ def sample(step: GRPOStep, prompts: Sequence[str], seeds: Tensor, num_steps: int
 
 @dataclass
 class EvalSummary:
-    """What one evaluation gives over all ranks' images; None where it does not apply."""
+    """What one evaluation gives over all ranks' images: the standard error of the mean of each
+    summarised score, and GenEval's overall number (None where it does not apply)."""
 
-    reward_stderr: float | None = None
+    stderrs: dict[str, float] = field(default_factory=dict)
     geneval_overall: float | None = None
 
 
-def summarise_over_ranks(batches: Sequence[dict[str, Tensor]], comm: Collectives) -> EvalSummary:
-    """The standard error of the mean reward over all ranks' images, and GenEval's overall score
-    (the mean over its six tags of the correct rate) when the reward reports per-tag results.
+def _gathered(batches: Sequence[dict[str, Tensor]], key: str, comm: Collectives) -> Tensor:
+    """Every rank's per-image values of ``key``; ranks may hold different numbers of images, so they
+    are gathered padded with NaN to the largest count (NaN is ignored downstream)."""
+    parts = [b[key] for b in batches if key in b]
+    local = torch.cat(parts).float() if parts else torch.zeros(0)
+    length = int(comm.max(local.numel()))
+    padded = torch.full((length,), math.nan)
+    padded[: local.numel()] = local
+    return comm.gather_rows(padded) if length else padded
+
+
+def summarise_over_ranks(
+    batches: Sequence[dict[str, Tensor]], comm: Collectives, stderr_keys: Sequence[str] = ("reward",)
+) -> EvalSummary:
+    """The standard error of the mean of each of ``stderr_keys`` over all ranks' images (0 with a
+    single image), and GenEval's overall score (the mean over its six tags of the correct rate) when
+    the reward reports per-tag results.
 
     ``batches``: this rank's per-image scores of each evaluation batch (each (M,), NaN where a
-    check does not apply). Every rank must call this (it gathers).
+    check does not apply). Every rank must call this with the same keys (it gathers).
     """
     from tpgrpo.rewards.geneval import TAGS, geneval_overall
 
-    local = torch.cat([b["reward"] for b in batches if "reward" in b]).float() if batches else torch.zeros(0)
-    # ranks may hold different numbers of images: gather them padded with NaN to the largest count
-    length = int(comm.max(local.numel()))
-    if not length:
-        return EvalSummary()
-    padded = torch.full((length,), math.nan)
-    padded[: local.numel()] = local
-    rewards = comm.gather_rows(padded)
-    _, stderr = mean_and_stderr(rewards)
-    summary = EvalSummary(reward_stderr=0.0 if math.isnan(stderr) else stderr)
+    summary = EvalSummary()
+    for key in stderr_keys:
+        values = _gathered(batches, key, comm)
+        if values.numel():
+            _, stderr = mean_and_stderr(values)
+            summary.stderrs[key] = 0.0 if math.isnan(stderr) else stderr
     keys = [f"geneval/{tag}" for tag in TAGS]
     if batches and all(key in batches[0] for key in keys):
         means = {}

@@ -36,9 +36,12 @@ from tpgrpo.settings import (
     SamplingConfig,
     UpdateConfig,
     as_group,
+    EvalRewardsSetting,
+    build_eval_rewards,
     build_rewards,
     group_dicts,
     parse_dtype,
+    parse_eval_rewards,
     parse_rewards,
 )
 from tpgrpo.step import GRPOStep, RolloutBatch
@@ -67,6 +70,10 @@ class TPGRPOModule(LightningModule):
             "flux", "qwenimage", "flux2", "flux2-dev", "zimage".
         rewards: reward names and weights, each a weight or a mapping of the weight and the
             reward's options, e.g. ``{pickscore: 1.0, ocr: {weight: 0.5, engine: tesseract}}``.
+        eval_rewards: rewards scored only in validation and test, beside the training reward, to watch
+            what the training reward does not measure (reward hacking): ``{name: {option: value}}``
+            (``{}`` for a reward's defaults), each logged as ``val/<name>`` with ``val/<name>_stderr``.
+            Built at the first evaluation.
         sampling: training rollouts (`tpgrpo.settings.SamplingConfig`).
         credit: turning-point or outcome credit and advantages (`tpgrpo.settings.CreditConfig`).
         update: the clipped GRPO update (`tpgrpo.settings.UpdateConfig`).
@@ -89,6 +96,7 @@ class TPGRPOModule(LightningModule):
         pretrained_path: str = str(DEFAULT_MODEL_DIR),
         family: str = "auto",
         rewards: RewardsSetting | None = None,
+        eval_rewards: EvalRewardsSetting | None = None,
         sampling: SamplingConfig = SamplingConfig(),
         credit: CreditConfig = CreditConfig(),
         update: UpdateConfig = UpdateConfig(),
@@ -112,6 +120,7 @@ class TPGRPOModule(LightningModule):
         self.compute = as_group(ComputeConfig, compute)
         self.prompt_cache = as_group(PromptCacheConfig, prompt_cache)
         self.reward_specs = parse_rewards(rewards)
+        self.eval_reward_options = parse_eval_rewards(eval_rewards, [spec.name for spec in self.reward_specs])
         _check(max_sequence_length >= 1, f"max_sequence_length must be >= 1, got {max_sequence_length}")
         dtype = parse_dtype(weights_dtype)
         self.save_hyperparameters(
@@ -119,6 +128,7 @@ class TPGRPOModule(LightningModule):
                 "pretrained_path": pretrained_path,
                 "family": family,
                 "rewards": {spec.name: {"weight": spec.weight, **spec.options} for spec in self.reward_specs},
+                "eval_rewards": self.eval_reward_options,
                 **group_dicts(
                     sampling=self.sampling, credit=self.credit, update=self.update_config,
                     optimizer=self.optimizer_config, lora=self.lora, evaluation=self.evaluation, compute=self.compute,
@@ -154,6 +164,9 @@ class TPGRPOModule(LightningModule):
         self._compiled = False
         self.pretrained_path = pretrained_path
         self.reward = build_rewards(rewards)
+        # built at the first evaluation and kept out of the module tree: no accelerator memory while
+        # training only, no sharding, nothing in checkpoints
+        self._eval_reward: list = []
         self.grpo = GRPOStep(
             self.flow, self.transformer, self.reward, self.sampling, self.credit, self.update_config, seed=seed
         )
@@ -350,6 +363,9 @@ class TPGRPOModule(LightningModule):
         prompts = [p for p, keep in zip(batch["prompts"], real.tolist()) if keep]
         metadata = [m for m, keep in zip(batch["metadata"], real.tolist()) if keep]
         scores = {k: v.float().cpu() for k, v in self.reward(images, prompts, metadata).items()} if prompts else {}
+        if prompts and self._eval_reward:
+            watched = self._eval_reward[0](images, prompts, metadata)
+            scores.update({k: v.float().cpu() for k, v in watched.items() if k != "reward"})
         for key, value in scores.items():
             applicable = value[~value.isnan()]  # NaN marks a check that does not apply to a prompt
             if applicable.numel():
@@ -364,12 +380,16 @@ class TPGRPOModule(LightningModule):
 
     def _start_eval(self) -> None:
         self._eval_scores: list[dict[str, Tensor]] = []
+        if self.eval_reward_options and not self._eval_reward:
+            self._eval_reward.append(build_eval_rewards(self.eval_reward_options))
 
     def _finish_eval(self, stage: str) -> None:
-        """Log what needs all ranks' images: the reward's standard error and GenEval's overall score."""
-        summary = evaluation.summarise_over_ranks(self._eval_scores, self.grpo.comm())
-        if summary.reward_stderr is not None:
-            self.log(f"{stage}/reward_stderr", summary.reward_stderr, sync_dist=False, rank_zero_only=True)
+        """Log what needs all ranks' images: the standard errors of the reward and of each evaluation
+        reward, and GenEval's overall score."""
+        keys = ["reward", *self.eval_reward_options]
+        summary = evaluation.summarise_over_ranks(self._eval_scores, self.grpo.comm(), keys)
+        for key, stderr in summary.stderrs.items():
+            self.log(f"{stage}/{key}_stderr", stderr, sync_dist=False, rank_zero_only=True)
         if summary.geneval_overall is not None:
             self.log(f"{stage}/geneval/overall", summary.geneval_overall, sync_dist=False, rank_zero_only=True)
 

@@ -8,7 +8,7 @@ built, so a wrong value fails with one line that says what to change, before any
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar, Union
 
@@ -377,6 +377,32 @@ def parse_rewards(rewards: Mapping[str, Any] | None) -> list[RewardSpec]:
     return [RewardSpec(name, weight, options[name]) for name, weight in checked.items()]
 
 
+EvalRewardsSetting = dict[str, Union[dict[str, Any], None]]
+
+
+def parse_eval_rewards(eval_rewards: Mapping[str, Any] | None, training: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """``{name: {option: value}}`` (``{}`` or null: the reward's defaults) -> checked ``{name: options}``.
+
+    Rewards scored only in validation and test. A reward that is also a training reward is left out:
+    the training reward's scores are logged under the same names already.
+    """
+    from tpgrpo.rewards import REWARDS
+
+    if eval_rewards is None:
+        return {}
+    _check(isinstance(eval_rewards, Mapping), f"eval_rewards must map reward names to their options, got {eval_rewards!r}")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, options in eval_rewards.items():
+        _check(
+            options is None or isinstance(options, Mapping),
+            f"eval_rewards.{name} must be a mapping of the reward's options ({{}} for its defaults), got {options!r}",
+        )
+        _check(name in REWARDS, f"eval_rewards.{name}: unknown reward; available: {', '.join(REWARDS)}")
+        if name not in training:
+            checked[str(name)] = dict(options or {})
+    return checked
+
+
 GROUPS: dict[str, type] = {
     "sampling": SamplingConfig,
     "credit": CreditConfig,
@@ -417,7 +443,8 @@ def check_model_settings(model: Mapping[str, Any] | Any) -> None:
         model = vars(model)
     for name, cls in GROUPS.items():
         as_group(cls, model.get(name))
-    parse_rewards(model.get("rewards"))
+    training = [spec.name for spec in parse_rewards(model.get("rewards"))]
+    parse_eval_rewards(model.get("eval_rewards"), training)
     from tpgrpo.pipelines import PIPELINE_FAMILIES
 
     families = sorted(cls.family for cls in PIPELINE_FAMILIES.values())
@@ -444,10 +471,19 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def build_rewards(rewards: Mapping[str, Any] | None):
     """The weighted reward (`tpgrpo.rewards.WeightedReward`) of a ``rewards`` setting."""
+    specs = parse_rewards(rewards)
+    return _built({s.name: s.weight for s in specs}, {s.name: s.options for s in specs if s.options})
+
+
+def build_eval_rewards(options: Mapping[str, Mapping[str, Any]]):
+    """The evaluation rewards of a `parse_eval_rewards` result, as one `WeightedReward` (weights 1)."""
+    return _built({name: 1.0 for name in options}, {name: dict(o) for name, o in options.items() if o})
+
+
+def _built(weights: Mapping[str, float], options: Mapping[str, Mapping[str, Any]]):
     from tpgrpo.rewards import build_reward
 
-    specs = parse_rewards(rewards)
     try:
-        return build_reward({s.name: s.weight for s in specs}, {s.name: s.options for s in specs if s.options})
+        return build_reward(weights, options)
     except ValueError as error:
         raise UserInputError(str(error)) from None
