@@ -112,7 +112,7 @@ def test_clip_rewards_batch_shape_determinism_and_no_gradients(name, request):
     assert not any(module.training for module in reward.modules())
 
 
-def test_pickscore_is_logit_scale_times_cosine_over_26(pickscore, clipscore, clip_dir):
+def test_pickscore_over_26_and_clipscore_over_30_are_the_models_logits(pickscore, clipscore, clip_dir):
     images = random_images()
     scores = pickscore(images, PROMPTS)["pickscore"]
     model, processor = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
@@ -120,16 +120,19 @@ def test_pickscore_is_logit_scale_times_cosine_over_26(pickscore, clipscore, cli
     with torch.no_grad():
         logits = model(**processor(text=PROMPTS, images=pictures, padding=True, return_tensors="pt")).logits_per_image
     assert torch.allclose(scores, logits.diag() / 26, atol=1e-5)
-    cosine = scores * 26 / model.logit_scale.exp()  # clipscore is max(cos, 0) of the same model
-    assert torch.allclose(cosine.clamp_min(0), clipscore(images, PROMPTS)["clipscore"], atol=1e-5)
+    # the same model as a CLIP score: Flow-GRPO's logit / 30; with scale 1 the plain logit
+    assert torch.allclose(clipscore(images, PROMPTS)["clipscore"], logits.diag() / 30, atol=1e-5)
+    assert torch.allclose(ClipScore(model=clip_dir, scale=1)(images, PROMPTS)["clipscore"], logits.diag(), atol=1e-4)
     assert (scores.abs() <= model.logit_scale.exp() / 26 + 1e-6).all()
 
 
 def test_text_image_scores_depend_on_the_prompt(pickscore, clipscore):
     image = random_images(1).expand(4, -1, -1, -1)
     assert len(set(pickscore(image, PROMPTS)["pickscore"].tolist())) == 4
-    scores = clipscore(image, PROMPTS)["clipscore"]  # random CLIP: cosines near 0, some clamped
-    assert ((scores >= 0) & (scores <= 1)).all() and len(set(scores.tolist())) > 1
+    scores = clipscore(image, PROMPTS)["clipscore"]
+    assert len(set(scores.tolist())) == 4
+    with pytest.raises(RewardConfigError, match="clipscore: scale must be > 0"):
+        ClipScore(model="unused", scale=0)
 
 
 def test_aesthetic_ignores_the_prompt_and_depends_on_the_image(aesthetic):

@@ -1,8 +1,9 @@
-"""CLIP score (Hessel et al., 2021) as torchmetrics' ``CLIPScore`` defines it, per image, in [0, 1].
+"""CLIP score (Hessel et al., 2021) on Flow-GRPO's scale: exp(logit_scale) · cos(image, prompt) / 30.
 
-torchmetrics defines CLIPScore(I, C) = max(100 · cos(E_I, E_C), 0). This reward returns that
-divided by 100, i.e. max(cos, 0) in [0, 1]. (Flow-GRPO's own ``clip_scorer`` returns
-exp(logit_scale) · cos / 30 instead; that is not this reward.)
+Flow-GRPO's (and TP-GRPO's) ``clip_scorer`` divides CLIP ViT-L/14's logit by 30; its logit scale
+is 100, so the score is about 3.3 · cos, and a Flow-GRPO recipe's reward weights mean the same
+here. The ``scale`` option changes the divisor: torchmetrics' ``CLIPScore`` is 100 · max(cos, 0),
+that is this reward with ``scale: 1`` for images that fit their prompt at all (cos > 0).
 
 A ``torchmetrics.multimodal.CLIPScore`` loads the model and processor; the per-image scores are
 computed here from them, because the metric's ``update`` only accumulates a batch mean, and in
@@ -18,7 +19,7 @@ import torch
 from torchmetrics.multimodal import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
-from tpgrpo.rewards.base import register_reward
+from tpgrpo.rewards.base import RewardConfigError, register_reward
 from tpgrpo.rewards.clip_models import FrozenModelReward, freeze, image_text_cosine, load_pretrained
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -26,13 +27,17 @@ DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 
 @register_reward("clipscore")
 class ClipScore(FrozenModelReward):
-    """max(cos(image, prompt), 0) per image, torchmetrics' CLIP score / 100.
+    """exp(logit_scale) · cos(image, prompt) / ``scale`` per image (Flow-GRPO: ``scale`` = 30).
 
-    Option: ``model``, a folder or hub id holding both the CLIP model and its ``CLIPProcessor``.
+    Options: ``model``, a folder or hub id holding both the CLIP model and its ``CLIPProcessor``;
+    ``scale``.
     """
 
-    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL):
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, scale: float = 30.0):
         super().__init__()
+        if not scale > 0:
+            raise RewardConfigError(f"clipscore: scale must be > 0, got {scale}")
+        self.scale = float(scale)
 
         def load() -> tuple[CLIPModel, CLIPProcessor]:
             return (
@@ -46,7 +51,7 @@ class ClipScore(FrozenModelReward):
     def score(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]
     ) -> dict[str, torch.Tensor]:
-        """{"clipscore": (B,) in [0, 1]} for images (B, 3, H, W) in [0, 1] and their B prompts."""
+        """{"clipscore": (B,)} for images (B, 3, H, W) in [0, 1] and their B prompts."""
         self.follow(images)
         cosine = image_text_cosine(self.model, self.processor, images, prompts)
-        return {self.name: cosine.clamp_min(0).to(images.device)}
+        return {self.name: (self.model.logit_scale.exp().float() * cosine / self.scale).to(images.device)}
