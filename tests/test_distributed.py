@@ -208,18 +208,21 @@ def test_balance_scope_balances_over_this_rank_or_all_ranks(tiny_model_dir, scop
     assert torch.equal(kept, expected)
 
 
-def test_minibatch_scope_balances_each_sampling_minibatch_of_the_rank(tiny_model_dir):
-    """The research code's scope: rows 0-1 and rows 2-3 of this rank are balanced apart."""
+def test_minibatch_scope_balances_mini_batches_that_mix_prompts(tiny_model_dir):
+    """The research code's scope: runs of 3 images taken one per prompt group in turn are balanced apart."""
     from tpgrpo import credit
     from tpgrpo.module import TPGRPOModule
 
     model = TPGRPOModule(
         pretrained_path=str(tiny_model_dir), sampling={"num_steps": 3, "window_size": 2},
-        credit={"balance_scope": "minibatch", "balance_minibatch": 2},
+        credit={"balance_scope": "minibatch", "balance_minibatch": 3},
     )
-    # each row flags step 0; rows 0, 2, 3 rise and row 1 falls: over all four rows one rising turning point
-    # would be dropped, in mini-batches of two none is
-    own = torch.tensor([[0.0, 1, 2], [0, -1, -2], [0, 1, 3], [0, 2, 3]])
-    per_step, _, kept = model.grpo.credit_and_advantages(own, torch.tensor([0, 0, 1, 1]))
-    assert kept[:, 0].all() and credit.turning_points(own)[:, 0].sum() == 2
-    torch.testing.assert_close(per_step, credit.turning_point_rewards(own, balance_chunk=2))
+    # every row flags step 0; group 0 rises (Δ = 2, 3, 4), group 1 falls (Δ = -2, -3, -4)
+    own = torch.tensor([[0.0, 1, 2], [0, 1, 3], [0, 1, 4], [0, -1, -2], [0, -1, -3], [0, -1, -4]])
+    assert credit.turning_points(own)[:, 0].all()  # over the whole rank: three of each sign, all kept
+    per_step, _, kept = model.grpo.credit_and_advantages(own, torch.tensor([0, 0, 0, 1, 1, 1]))
+    # round robin: rows (0, 3, 1) then (4, 2, 5); each run keeps one rising and one falling turning point,
+    # those with the largest |Δ|: rows 1 and 3, then rows 2 and 5
+    assert kept[:, 0].tolist() == [False, True, True, True, False, True] and not kept[:, 1].any()
+    # kept: η·(R_W - R_0) = Δ; dropped: the increment d_0 = ±1
+    assert per_step[:, 0].tolist() == [1.0, 3.0, 4.0, -2.0, -1.0, -4.0]

@@ -218,6 +218,16 @@ def group_members(group_ids: Tensor) -> Tensor:
     return torch.tensor(members, dtype=torch.long, device=group_ids.device)
 
 
+def round_robin_order(group_ids: Tensor) -> Tensor:
+    """Row order that takes one image of each prompt group in turn: every group's first image (groups
+    in order of appearance), then every group's second, ... (N,) -> (N,) long permutation.
+
+    Consecutive runs of this order mix prompts, like the research code's sampling mini-batches,
+    which its sampler fills with images of shuffled prompts.
+    """
+    return torch.sort(group_members(group_ids), stable=True).indices
+
+
 def update_parts(group_ids: Tensor, parts: int) -> Tensor:
     """Which of ``parts`` optimizer steps trains each row: ``(group id + member) mod parts``, (N,) long.
 

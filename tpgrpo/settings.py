@@ -116,8 +116,9 @@ class CreditConfig:
         eta: scale of the long-term reward given at turning points.
         balance: balance turning points of rising and falling trajectories.
         balance_scope: "rank" (spec: over each rank's batch), "global" (over all ranks' batches) or
-            "minibatch" (the research code's: over each run of ``balance_minibatch`` consecutive images
-            of a rank's batch, as it balances each sampling mini-batch on each GPU).
+            "minibatch" (the research code's: it balances each sampling mini-batch on each GPU; here each
+            run of ``balance_minibatch`` images of a rank's batch taken one per prompt group in turn,
+            so that a mini-batch mixes prompts as the research code's shuffled ones do).
         balance_minibatch: images per balanced mini-batch with ``balance_scope: minibatch`` (the research
             code's per-GPU sampling batch).
         branch_steps: approximation, off (None) by default: complete branches with this many ODE steps.

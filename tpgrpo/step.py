@@ -208,18 +208,26 @@ class GRPOStep:
 
         Turning points are balanced over this rank's batch (spec §3), with ``balance_scope="global"``
         over all ranks' batches, with ``"minibatch"`` over each ``balance_minibatch`` images of this
-        rank's batch in turn; ``global_std`` divides by the std of
+        rank's batch taken one per prompt group in turn (`tpgrpo.credit.round_robin_order`);
+        ``global_std`` divides by the std of
         all ranks' step rewards. Groups are never split over ranks (`tpgrpo.data.GroupSampler`).
         """
         credit, comm = self.credit, self.comm()
         own = slice(comm.rank * len(group_ids), (comm.rank + 1) * len(group_ids))
         shared = comm.world_size > 1
         rows = comm.gather_rows(sequence) if credit.balance_scope == "global" and shared else sequence
+        # mini-batches of mixed prompts: balance over runs of the rows in round-robin order over the groups
+        order = credit_rules.round_robin_order(group_ids) if credit.balance_scope == "minibatch" else None
+        if order is not None:
+            rows = rows[order]
         balance = {"balance": credit.balance, "balance_chunk": credit.balance_minibatch}
         options = {"eta": credit.eta, **balance} if credit.method == "tp" else {"num_steps": self.sampling.window_size}
         per_step = credit_rules.step_rewards(credit.method, rows, **options)
         kept = credit_rules.turning_points(rows, **balance) if credit.method == "tp" else None
-        if rows is not sequence:
+        if order is not None:
+            restore = torch.argsort(order)
+            per_step, kept = per_step[restore], kept[restore] if kept is not None else None
+        elif rows is not sequence:
             per_step, kept = per_step[own], kept[own] if kept is not None else None
         if credit.global_std and shared:
             advantages = credit_rules.group_advantages(
