@@ -16,6 +16,7 @@ from tests.helpers.tiny_models import (
     SEQUENCE_LENGTHS,
     processor_wrapped,
     tiny_flux2_dev_pipeline,
+    tiny_flux_pipeline,
     tiny_flux2_klein_pipeline,
     tiny_qwenimage_pipeline,
     tiny_zimage_pipeline,
@@ -30,6 +31,7 @@ from tpgrpo.pipelines import (
     Flux2DevModel,
     Flux2Model,
     FlowModel,
+    FluxModel,
     ModelLoadError,
     QwenImageModel,
     ZImageModel,
@@ -227,12 +229,15 @@ SHORT = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--mo
          # float32 on one CPU process, so the exported LoRA can be compared exactly
          "--model.weights_dtype=float32", "--trainer.precision=32-true", "--trainer.accelerator=cpu"]
 CONFIGS = {"qwenimage": "configs/qwenimage.yaml", "flux2": "configs/flux2_klein.yaml",
-           "flux2-dev": "configs/flux2_dev.yaml", "zimage": "configs/zimage.yaml"}
+           "flux2-dev": "configs/flux2_dev.yaml", "zimage": "configs/zimage.yaml", "flux": "configs/flux.yaml"}
+# FLUX.1 too: its config adapts the feed-forward layers as well, which its pipeline's loader must read
+FIT_FAMILIES = {**BY_NAME, "flux": Family("flux", tiny_flux_pipeline, FluxModel, 6, blocks=2)}
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name, strategy",
-                         [("qwenimage", "fsdp2"), ("flux2", "auto"), ("flux2-dev", "fsdp2"), ("zimage", "fsdp2")])
+                         [("qwenimage", "fsdp2"), ("flux2", "auto"), ("flux2-dev", "fsdp2"), ("zimage", "fsdp2"),
+                          ("flux", "auto")])
 def test_fit_trains_only_lora_and_the_export_loads_with_the_pipelines_own_loader(tmp_path, name, strategy):
     """One CPU process; ``fsdp2`` (qwenimage.yaml's strategy) shards the family's blocks over a world of one."""
     from diffusers import DiffusionPipeline
@@ -240,7 +245,7 @@ def test_fit_trains_only_lora_and_the_export_loads_with_the_pipelines_own_loader
     from tpgrpo import export
     from tpgrpo.cli import build_cli
 
-    family = BY_NAME[name]
+    family = FIT_FAMILIES[name]
     folder = tmp_path / "model"
     family.build().save_pretrained(folder)
     prompts = tmp_path / "prompts.txt"
