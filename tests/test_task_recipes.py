@@ -86,11 +86,15 @@ def test_task_recipe_fits_two_steps(tmp_path, stand_ins, family, task):
     assert f"train/{task}" in logged and logged["train/reward_mean"].isfinite()
 
 
-def test_test_on_geneval_metadata_logs_genevals_overall_number(tmp_path, stand_ins):
+def test_test_on_geneval_metadata_logs_genevals_overall_number_and_the_evaluation_rewards(tmp_path, stand_ins):
     path, model_overrides = stand_ins["sd3"]
     records = stand_ins["root"] / "geneval.jsonl"
+    clip = stand_ins["clip"]
+    # the task file's evaluation rewards (PickScore, CLIP score) with the tiny CLIP in place of the hub models
+    watched = f'{{pickscore: {{model: "{clip}", processor: "{clip}"}}, clipscore: {{model: "{clip}"}}}}'
     args = ["test", "--config", "configs/sd3.yaml", "--config", "configs/tasks/geneval.yaml",
             f"--model.pretrained_path={path}", *model_overrides, *task_overrides("geneval", stand_ins),
+            f"--model.eval_rewards={watched}",
             f"--data.test_prompts={records}", "--data.eval_seeds=2", "--model.evaluation.num_steps=2",
             f"--model.prompt_cache.folder={tmp_path / 'embeddings'}",
             "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
@@ -100,6 +104,9 @@ def test_test_on_geneval_metadata_logs_genevals_overall_number(tmp_path, stand_i
     # the two records' tags, single_object and colors: the overall number is the mean of their correct rates
     expected = (float(logged["test/geneval/single_object"]) + float(logged["test/geneval/colors"])) / 2
     assert float(logged["test/geneval/overall"]) == pytest.approx(expected)
+    assert list(cli.model.reward.rewards) == ["geneval"]  # the evaluation rewards do not train
+    for name in ("pickscore", "clipscore"):
+        assert logged[f"test/{name}"].isfinite() and float(logged[f"test/{name}_stderr"]) > 0
 
 
 @pytest.mark.parametrize("config", ["qwenimage", "flux2_klein", "flux2_dev", "zimage"])
