@@ -17,13 +17,16 @@ Per image, as GenEval's ``evaluate_images.py``:
    against the per-colour mean of the unit text embeddings of `COLOR_TEMPLATES` (`color_classifier`).
 3. Verdict: `tpgrpo.rewards.geneval.judge` on the detections.
 
-What still differs from GenEval's ``evaluate_images.py``: the detector is the transformers port of
-Mask2Former, not mmdet's, and its post-processing is transformers'
-(``post_process_instance_segmentation``: per-query class scores times mask scores, binary masks
-thresholded at 0.5 on the upsampled mask logits) where mmdet ranks the top 100 query-class pairs;
-the image is resized with PIL's bilinear filter where mmdet uses OpenCV's; a box is the extent of
-the mask, where GenEval takes mmdet's predicted box. Counting, colours and positions follow
-GenEval's rules (`tpgrpo.rewards.geneval.judge`).
+What still differs from GenEval's ``evaluate_images.py``: the weights are the transformers port's,
+not mmdet's own checkpoint of the same model; transformers' ``post_process_instance_segmentation``
+upsamples the mask logits to a fixed 384 × 384, scores and thresholds the masks there and enlarges
+the binary masks to the image size by nearest neighbour, where mmdet thresholds logits upsampled
+bilinearly to the image size (both keep the top 100 query-class pairs and score them by class
+probability times mean mask probability), so scores, masks and the boxes taken from them differ
+slightly; the image is resized with PIL's bilinear filter where mmdet uses OpenCV's; the colour
+CLIP is transformers' ViT-L/14 with its processor where GenEval uses open_clip's. Thresholds,
+the per-class cap, boxes as mask extents, colour crops and the rules (`tpgrpo.rewards.geneval.judge`)
+are GenEval's.
 
 The reward returns ``geneval`` (judge's dense score), ``geneval/strict``, ``geneval/correct``
 and ``geneval/<tag>`` for each of GenEval's six tags (``correct`` for records of that tag, NaN
