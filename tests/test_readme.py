@@ -240,6 +240,9 @@ def check_benchmark(command: str, work: Path) -> None:
     elif "gradient_snr.py" in argv[1]:
         run([*script, "--prompts=2", "--batches=2", f"--out={work / 'snr.json'}", "--", *cli, "--data.group_size=2"])
         assert (work / "snr.json").is_file()
+    elif "ocr_engines.py" in argv[1]:
+        run([*script, "--count=5", f"--out={work / 'ocr.json'}"])
+        assert "rapidocr" in json.loads((work / "ocr.json").read_text())["engines"]
     else:  # later options win: the command's own, shortened; its training overrides, then shorter ones
         shorter = ["--steps=2", "--seeds", "0", "--eval-every=1", f"--out={work / 'efficiency.json'}"]
         run([*script, *shorter, "--", *cli, *SHORT_FIT[1:]])

@@ -253,14 +253,14 @@ def test_ocr_reward_with_a_fake_recognizer():
 def test_ocr_without_pytesseract_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "pytesseract", None)
     with pytest.raises(RewardConfigError, match=r"pytesseract is missing; install with `pip install -e \.\[ocr\]`"):
-        OcrReward()
+        OcrReward(engine="tesseract")
 
 
 def test_ocr_without_the_tesseract_program_names_the_install_command(monkeypatch):
     pytesseract = pytest.importorskip("pytesseract", reason="pytesseract is not installed (pip install -e .[ocr])")
     monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", "/no/such/tesseract")
     with pytest.raises(RewardConfigError, match="tesseract program is missing.*apt-get install tesseract-ocr"):
-        OcrReward()
+        OcrReward(engine="tesseract")
 
 
 requires_tesseract = pytest.mark.skipif(
@@ -279,14 +279,14 @@ def render_text(text, width=320, height=96):
 @requires_tesseract
 def test_tesseract_reads_a_rendered_word():
     images = torch.cat([render_text("HELLO"), torch.ones(1, 3, 96, 320)])
-    scores = OcrReward()(images, ['a sign that says "hello"'] * 2)["ocr"]
+    scores = OcrReward(engine="tesseract")(images, ['a sign that says "hello"'] * 2)["ocr"]
     assert scores[0] >= 0.8 and scores[1] == 0.0
 
 
 @requires_tesseract
 def test_tesseract_language_must_be_installed():
     with pytest.raises(RewardConfigError, match="tesseract has no 'xx' language data"):
-        OcrReward(lang="eng+xx")
+        OcrReward(engine="tesseract", lang="eng+xx")
 
 
 # -------------------------------------------------------------------------------- GenEval (HTTP)

@@ -1,7 +1,7 @@
 """Each task file on each real-model config trains: a 2-step ``fit`` through the CLI on tiny random
 stand-ins of the same architecture (SD3 and FLUX pipelines: every task; Qwen-Image, FLUX.2 [klein]
 and [dev], Z-Image: PickScore) with the task's real reward code (a tiny random Mask2Former and CLIP for
-GenEval, a tiny CLIP for PickScore, a tiny GOT-OCR2 for OCR)."""
+GenEval, a tiny CLIP for PickScore, RapidOCR's own shipped models for OCR)."""
 import json
 
 import pytest
@@ -10,7 +10,6 @@ from tests.helpers.tiny_models import (
     SEQUENCE_LENGTHS,
     save_tiny_detector,
     save_tiny_geneval_clip,
-    save_tiny_got_ocr2,
     tiny_flux2_dev_pipeline,
     tiny_flux2_klein_pipeline,
     tiny_flux_pipeline,
@@ -52,7 +51,6 @@ def stand_ins(tmp_path_factory, tiny_model_dir):
                                      "--trainer.strategy=auto"]) for name in newer},
         "detector": save_tiny_detector(root / "mask2former"),
         "clip": save_tiny_geneval_clip(root / "clip"),
-        "ocr": str(save_tiny_got_ocr2(root / "got_ocr2")),
         "root": root,
     }
 
@@ -62,9 +60,8 @@ def task_overrides(task, stand_ins):
     if task == "geneval":
         reward = f'{{geneval: {{weight: 1.0, detector: "{stand_ins["detector"]}", clip: "{stand_ins["clip"]}"}}}}'
         return [f"--model.rewards={reward}", f"--data.train_prompts={root / 'geneval.jsonl'}"]
-    if task == "ocr":  # the task file's reward (Tesseract) with the transformers engine, as Tesseract is not here
-        reward = f'{{ocr: {{weight: 1.0, engine: got_ocr2, model: "{stand_ins["ocr"]}", max_new_tokens: 4}}}}'
-        return [f"--model.rewards={reward}", f"--data.train_prompts={root / 'ocr.txt'}"]
+    if task == "ocr":  # the task file's reward as it is: RapidOCR's real models ship in its wheel
+        return [f"--data.train_prompts={root / 'ocr.txt'}"]
     clip = stand_ins["clip"]
     reward = f'{{pickscore: {{weight: 1.0, model: "{clip}", processor: "{clip}"}}}}'
     return [f"--model.rewards={reward}", f"--data.train_prompts={root / 'prompts.txt'}"]

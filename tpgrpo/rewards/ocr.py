@@ -11,8 +11,22 @@ Levenshtein distance between the two; an empty target scores 1.
 
 Engines (option ``engine``):
 
-- ``"tesseract"`` (default; no model weights, runs on the CPU): ``pytesseract`` and the system
-  package ``tesseract-ocr``: ``pip install -e .[ocr]`` and ``make install-ocr``.
+- ``"rapidocr"`` (default): PaddleOCR's PP-OCR text detector and recogniser, the OCR that
+  Flow-GRPO, TurningPoint-GRPO and Flow-Factory score with, as the ONNX models that the
+  ``rapidocr-onnxruntime`` wheel ships (a dependency of this package; nothing is downloaded at run
+  time), run by onnxruntime: on the CPU, or on a GPU through onnxruntime's CUDA provider once
+  ``onnxruntime-gpu`` replaces ``onnxruntime``. It reads an image as the references' PaddleOCR
+  call does: the RGB uint8 array as it is (no resize or colour conversion of ours; like PaddleOCR,
+  RapidOCR takes an array to be in OpenCV's BGR order, and the references hand it RGB, so this
+  does too), no angle classifier (``cls=False``), PaddleOCR's detector settings and its drop of
+  spans scored under 0.5; the recognised text is that of every remaining span with confidence
+  above 0, in reading order, joined without a separator (`join_confident_spans`). What differs:
+  the wheel's models are PP-OCRv4's Chinese-and-English detector and recogniser, where the
+  references' ``lang="en"`` loads PaddleOCR's English PP-OCRv3 detector and PP-OCRv4 recogniser;
+  and PaddleOCR's detector shrinks images longer than 960 px to 960 px, RapidOCR only those
+  longer than 2000 px.
+- ``"tesseract"`` (no model weights, runs on the CPU): ``pytesseract`` and the system package
+  ``tesseract-ocr``: ``pip install -e .[ocr]`` and ``make install-ocr``.
 - ``"got_ocr2"``: GOT-OCR 2.0 (Wei et al., 2024) through transformers' native
   ``GotOcr2ForConditionalGeneration``, hub id ``stepfun-ai/GOT-OCR-2.0-hf`` (or a folder saved with
   ``save_pretrained``), in its plain-text mode ("OCR: "), batched, greedy, without gradients,
@@ -20,11 +34,13 @@ Engines (option ``engine``):
   OCR alone, trained on scene text as well as documents, and its plain mode returns just the
   text, with no task tokens or regions to strip; its ``-hf`` checkpoint is published for the
   native class by the model's authors, while Florence-2's own checkpoints need
-  ``trust_remote_code`` and the native class needs community conversions. Flow-GRPO itself
-  scores with PaddleOCR, which is not a transformers model.
+  ``trust_remote_code`` and the native class needs community conversions.
 
 Config (``model.rewards``)::
 
+    ocr: {weight: 1.0}                                          # rapidocr on the CPU
+    ocr: {weight: 1.0, engine: rapidocr, device: cuda, workers: 8}
+    ocr: {weight: 1.0, engine: tesseract, lang: eng}
     ocr: {weight: 1.0, engine: got_ocr2, model: stepfun-ai/GOT-OCR-2.0-hf, dtype: bfloat16,
           batch_size: 16, max_new_tokens: 64}
 """
@@ -32,10 +48,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,9 +63,16 @@ from tpgrpo.rewards.clip_models import FrozenModelReward, freeze, load_pretraine
 
 Recognizer = Callable[[Image.Image], str]
 INSTALL_HINT = "install with `pip install -e .[ocr]` and `apt-get install tesseract-ocr` (or `make install-ocr`)"
-ENGINES: tuple[str, ...] = ("tesseract", "got_ocr2")
+RAPIDOCR_INSTALL = "pip install rapidocr-onnxruntime"
+ONNXRUNTIME_GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+ENGINES: tuple[str, ...] = ("rapidocr", "tesseract", "got_ocr2")
 DEFAULT_GOT_OCR2 = "stepfun-ai/GOT-OCR-2.0-hf"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# PaddleOCR 2.x's defaults, which the references ran with: its detector's settings (RapidOCR's own
+# differ) and its drop of recognised spans scored under 0.5 (``drop_score``; RapidOCR's ``text_score``).
+PADDLEOCR_DETECTOR = {"det_limit_type": "max", "det_thresh": 0.3, "det_box_thresh": 0.6,
+                      "det_unclip_ratio": 1.5, "det_use_dilation": False, "det_score_mode": "fast"}
+PADDLEOCR_DROP_SCORE = 0.5
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -103,6 +128,95 @@ def tesseract_recognizer(lang: str = "eng", config: str = "") -> Recognizer:
     return recognise
 
 
+def join_confident_spans(spans: Iterable[tuple[str, float]]) -> str:
+    """The text of the (text, confidence) spans with confidence above 0, in their order, joined
+    without a separator: the references' reading of PaddleOCR's result."""
+    return "".join(text for text, confidence in spans if confidence > 0)
+
+
+def import_rapidocr() -> type:
+    """The ``RapidOCR`` class of rapidocr-onnxruntime; a one-line `RewardConfigError` when it does not import."""
+    try:
+        from rapidocr_onnxruntime import RapidOCR
+    except ModuleNotFoundError as error:
+        if error.name != "rapidocr_onnxruntime":
+            missing = f"ocr: rapidocr-onnxruntime needs {error.name}, which is missing"
+            raise RewardConfigError(f"{missing}: {RAPIDOCR_INSTALL}") from None
+        raise RewardConfigError(
+            f"ocr: engine rapidocr needs the package rapidocr-onnxruntime: {RAPIDOCR_INSTALL} (for Python < 3.13; "
+            "engines tesseract and got_ocr2 do without it)"
+        ) from None
+    except ImportError as error:
+        hint = "; replace opencv-python with opencv-python-headless" if "libGL" in str(error) else ""
+        raise RewardConfigError(f"ocr: rapidocr-onnxruntime does not import ({error}){hint}") from None
+    return RapidOCR
+
+
+def check_cuda_provider(device: torch.device) -> None:
+    """A one-line `RewardConfigError` unless onnxruntime has its CUDA provider (onnxruntime-gpu's) for ``device``."""
+    import onnxruntime
+
+    providers = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        raise RewardConfigError(
+            f"ocr: engine rapidocr on {device} needs onnxruntime's CUDAExecutionProvider, which the installed "
+            f"onnxruntime lacks (it has {', '.join(providers)}); install the GPU build: {ONNXRUNTIME_GPU_INSTALL}"
+        )
+
+
+def onnx_sessions(engine) -> list:
+    """The onnxruntime sessions of a RapidOCR engine that the reward runs: the detector's and the recogniser's."""
+    return [engine.text_det.infer.session, engine.text_rec.session.session]
+
+
+class RapidOcrRecognizer:
+    """RapidOCR read as the references read PaddleOCR (module docstring): PIL picture -> text.
+
+    The engine is loaded on the first call (once, also when threads call together) and then
+    shared: onnxruntime sessions may run from several threads at once, and the one state RapidOCR
+    keeps per call, the detector's resize step, is chosen from the picture's size, which the
+    pictures of one reward batch share. ``num_threads`` is each session's intra-op threads on the
+    CPU. On CUDA the sessions run on ``device``'s GPU, or on the current one when it has no index.
+    """
+
+    def __init__(self, device: torch.device = torch.device("cpu"), num_threads: int = 1):
+        if device.type not in ("cpu", "cuda"):
+            raise RewardConfigError(f"ocr: engine rapidocr runs on cpu or cuda, not on {device}")
+        self.rapidocr_class = import_rapidocr()
+        if device.type == "cuda":
+            check_cuda_provider(device)
+        self.device = device
+        self.num_threads = num_threads
+        self.engine = None
+        self.loading = threading.Lock()
+
+    def load(self):
+        """A RapidOCR engine with the references' settings, its sessions on ``self.device``."""
+        engine = self.rapidocr_class(
+            use_cls=False, text_score=PADDLEOCR_DROP_SCORE, intra_op_num_threads=self.num_threads, **PADDLEOCR_DETECTOR
+        )
+        if self.device.type == "cuda":
+            # RapidOCR's own CUDA switch always takes GPU 0; each process of a multi-GPU run needs its own
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            for session in onnx_sessions(engine):
+                session.set_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": index}, {}])
+        return engine
+
+    def loaded(self):
+        with self.loading:
+            if self.engine is None:
+                self.engine = self.load()
+        return self.engine
+
+    def spans(self, picture: Image.Image) -> list[tuple[str, float]]:
+        """(text, confidence) of each span RapidOCR recognises in ``picture``, in reading order."""
+        rows, _ = self.loaded()(np.asarray(picture.convert("RGB")))
+        return [(text, float(confidence)) for _box, text, confidence in rows or []]
+
+    def __call__(self, picture: Image.Image) -> str:
+        return join_confident_spans(self.spans(picture))
+
+
 def got_ocr2_image_tokens(vision_config) -> int:
     """Image tokens per picture of a GOT-OCR2 model: its patch grid after the projector's two stride-2 convolutions."""
     side = vision_config.image_size // vision_config.patch_size
@@ -154,9 +268,12 @@ class GotOcr2Recognizer(torch.nn.Module):
 class OcrReward(FrozenModelReward):
     """Similarity of the recognised text to the prompt's quoted text, per image (module docstring).
 
-    Options: ``engine`` (``"tesseract"`` or ``"got_ocr2"``). Tesseract: ``lang`` and
-    ``tesseract_config`` (its language, e.g. ``"eng"``, and extra command-line flags, e.g.
-    ``"--psm 11"``), ``workers`` (images recognised in parallel). GOT-OCR2: ``model`` (folder or
+    Options: ``engine`` (``"rapidocr"``, ``"tesseract"`` or ``"got_ocr2"``). RapidOCR: ``device``
+    (``"cpu"``, the default, or ``"cuda"``/``"cuda:N"``: onnxruntime's CUDA provider, which
+    ``onnxruntime-gpu`` brings; ``"cuda"`` is the current GPU), ``num_threads`` (each ONNX session's
+    CPU threads) and ``workers`` (images recognised in parallel, so about ``workers * num_threads``
+    CPU threads). Tesseract: ``lang`` and ``tesseract_config`` (its language, e.g. ``"eng"``, and
+    extra command-line flags, e.g. ``"--psm 11"``), ``workers``. GOT-OCR2: ``model`` (folder or
     hub id, default ``stepfun-ai/GOT-OCR-2.0-hf``), ``max_new_tokens``, ``batch_size`` (images per
     generate call), ``dtype`` (float32, bfloat16, float16), ``device`` (where the model runs;
     default: the images' device). ``recognizer`` (a function PIL image -> text) replaces the
@@ -165,10 +282,11 @@ class OcrReward(FrozenModelReward):
 
     def __init__(
         self,
-        engine: str = "tesseract",
+        engine: str = "rapidocr",
         lang: str = "eng",
         tesseract_config: str = "",
         workers: int = 4,
+        num_threads: int = 1,
         model: str | os.PathLike | None = None,
         max_new_tokens: int = 64,
         batch_size: int = 16,
@@ -181,7 +299,9 @@ class OcrReward(FrozenModelReward):
             raise RewardConfigError(f"ocr: unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
         if model is not None and engine != "got_ocr2":
             raise RewardConfigError(f"ocr: model is an option of engine got_ocr2, not of {engine}")
-        for name, value in (("workers", workers), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        counts = {"workers": workers, "num_threads": num_threads,
+                  "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+        for name, value in counts.items():
             if value < 1:
                 raise RewardConfigError(f"ocr: {name} must be >= 1, got {value}")
         if dtype not in DTYPES:
@@ -196,6 +316,9 @@ class OcrReward(FrozenModelReward):
         self.reader: GotOcr2Recognizer | None = None
         if recognizer is not None:
             self.recognizer = recognizer
+        elif engine == "rapidocr":
+            self.device = self.device or torch.device("cpu")
+            self.recognizer = RapidOcrRecognizer(self.device, num_threads)
         elif engine == "tesseract":
             self.recognizer = tesseract_recognizer(lang, tesseract_config)
         else:
