@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,13 +111,19 @@ def test_an_installed_copy_runs_from_any_directory(tmp_path):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "tpgrpo", source / "tpgrpo", ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "installed"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
          "--target", str(target), str(source)],
-        check=True, capture_output=True, timeout=120, env=ENV,
+        check=True, capture_output=True, text=True, timeout=120, env=ENV,
     )
+    assert "Warning" not in installed.stdout + installed.stderr  # e.g. setuptools' "absent from packages"
     assert (target / "tpgrpo" / "configs" / "tiny.yaml").is_file()
     assert (target / "tpgrpo" / "tiny" / "model" / "transformer" / "config.json").is_file()
+    # every file a shipped config names
+    for config in (target / "tpgrpo" / "configs").rglob("*.yaml"):
+        for name in re.findall(r"(data/[\w/]+\.(?:jsonl|txt))", config.read_text()):
+            shipped = target / "tpgrpo" / "prompt_sets" / name.removeprefix("data/")
+            assert shipped.is_file() or name.startswith("data/pickscore/"), f"{config.name}: {name}"
     command = target / "bin" / "tpgrpo"
     assert command.is_file()
     work = tmp_path / "elsewhere"
@@ -134,6 +141,17 @@ def test_an_installed_copy_runs_from_any_directory(tmp_path):
     assert f"package: {target / 'tpgrpo' / '__init__.py'}" in result.stderr
     assert "pretrained_path: tpgrpo/tiny/model" in result.stdout and "every_n_train_steps: 40" in result.stdout
     assert "requires torchvision" not in result.stderr  # transformers' fallback note is filtered
+    # a real fit of the shipped config from there: its prompt set comes with the package
+    short = ["--trainer.max_steps=1", "--model.update.optimizer_steps_per_batch=1", "--data.prompts_per_step=1",
+             "--data.group_size=2", "--data.val_prompts=null", "--images.every_n_train_steps=0",
+             "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={work}"]
+    fit_command = run_command.replace("'--print_config'", ", ".join(repr(a) for a in short))
+    result = subprocess.run(
+        [sys.executable, "-c", fit_command], cwd=work, env={**ENV, "PYTHONPATH": str(target)},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "prompt file not found" not in result.stderr and list(work.rglob("last.ckpt"))
 
 
 def test_the_torchvision_note_is_dropped_and_other_records_pass():

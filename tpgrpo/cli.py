@@ -224,15 +224,17 @@ def resolve_path(value: str, roots: Sequence[Path] = (REPO_DIR, PACKAGE_DIR)) ->
     (by default the folder holding the ``tpgrpo`` package, then the package itself); else unchanged.
 
     So the shipped configs work from any directory, also from an installed copy:
-    ``tpgrpo/tiny/model`` is the package's tiny model and ``configs/tiny.yaml`` its config. Absolute
-    paths and URLs are left as they are, and so are hub ids (``org/name``) unless a folder of that
-    name exists under a root.
+    ``tpgrpo/tiny/model`` is the package's tiny model, ``configs/tiny.yaml`` its config and
+    ``data/shapes/train.jsonl`` its prompt set (``data/`` is the package's ``prompt_sets/``, which
+    the repository links as ``data``). Absolute paths and URLs are left as they are, and so are hub
+    ids (``org/name``) unless a folder of that name exists under a root.
     """
     path = Path(value)
     if not value or "://" in value or path.is_absolute() or path.exists():
         return value
-    for root in roots:
-        candidate = root / path
+    in_data = len(path.parts) > 1 and path.parts[0] == "data"
+    shipped = [PACKAGE_DIR / "prompt_sets" / Path(*path.parts[1:])] if in_data else []
+    for candidate in [root / path for root in roots] + shipped:
         if candidate.exists():
             return str(candidate)
     return value
