@@ -251,3 +251,17 @@ def test_geneval_entries_on_matching_scenes(random_records):
     assert out["shapes/geneval_strict"][different].mean() >= 0.98
     assert (out["shapes/geneval_correct"] >= out["shapes/geneval_strict"]).all()
     assert (out["shapes/geneval_correct"][~different] == 0).all()
+
+
+def test_the_reward_package_never_imports_the_demo_world():
+    """`tpgrpo.tiny` uses `tpgrpo.rewards` (the shapes world's vocabulary lives with its reward), never the reverse."""
+    import ast
+    from pathlib import Path
+
+    import tpgrpo.rewards
+
+    for path in Path(tpgrpo.rewards.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(name.startswith("tpgrpo.tiny") for name in names), f"{path.name} imports {names}"

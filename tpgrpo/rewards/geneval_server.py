@@ -29,7 +29,7 @@ from tpgrpo.errors import UserInputError
 from tpgrpo.rewards.base import Reward
 from tpgrpo.rewards.geneval_http import decode_png
 from tpgrpo.rewards.shapes import ShapesReward
-from tpgrpo.tiny.scenes import validate_record
+from tpgrpo.rewards.shapes import validate_record
 
 SCORERS = ("shapes", "geneval")
 

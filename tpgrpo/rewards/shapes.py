@@ -62,8 +62,45 @@ import torch
 from scipy import ndimage
 
 from tpgrpo.rewards.base import Reward, register_reward
-from tpgrpo.rewards.geneval import POSITION_THRESHOLD, judge, relations
-from tpgrpo.tiny.scenes import COLORS, SHAPES, validate_record
+from tpgrpo.rewards.geneval import POSITION_THRESHOLD, RELATIONS, judge, relations
+
+# The shapes world's vocabulary; its scenes and prompts (`tpgrpo.tiny.scenes`) import it from here.
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Hues 0, 60, ..., 300 degrees: blending with the grey background keeps a pixel's hue.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "yellow": (220, 220, 40),
+    "green": (40, 200, 40),
+    "cyan": (40, 200, 200),
+    "blue": (40, 40, 220),
+    "purple": (200, 40, 200),
+}
+
+
+def validate_record(record: Mapping) -> Mapping:
+    """Check that a record only uses this world's classes, colours, counts and relations.
+
+    Returns the record; raises ValueError naming the first problem.
+    """
+    include = record.get("include")
+    if not include:
+        raise ValueError(f"record has no 'include' entries: {record!r}")
+    for i, entry in enumerate([*include, *record.get("exclude", [])]):
+        if entry.get("class") not in SHAPES:
+            raise ValueError(f"unknown class {entry.get('class')!r}; known: {', '.join(SHAPES)}")
+        if "color" in entry and entry["color"] not in COLORS:
+            raise ValueError(f"unknown color {entry['color']!r}; known: {', '.join(COLORS)}")
+        if not isinstance(entry.get("count"), int) or entry["count"] < 1:
+            raise ValueError(f"count must be a positive integer, got {entry.get('count')!r}")
+    for i, entry in enumerate(include):
+        if "position" in entry:
+            relation, target = entry["position"]
+            if relation not in RELATIONS:
+                raise ValueError(f"unknown relation {relation!r}; known: {', '.join(RELATIONS)}")
+            if not (isinstance(target, int) and 0 <= target < len(include) and target != i):
+                raise ValueError(f"position target {target!r} is not another include entry")
+    return record
+
 
 CHECKS: tuple[str, ...] = ("count", "color", "binding", "position", "extra")
 RELATION_THRESHOLD = POSITION_THRESHOLD  # GenEval's

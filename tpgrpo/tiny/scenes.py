@@ -28,17 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+from tpgrpo.rewards.shapes import COLORS, SHAPES, validate_record  # the world's vocabulary lives with its reward
+
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-# Hues 0, 60, ..., 300 degrees: blending with the grey background keeps a pixel's hue.
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "yellow": (220, 220, 40),
-    "green": (40, 200, 40),
-    "cyan": (40, 200, 200),
-    "blue": (40, 40, 220),
-    "purple": (200, 40, 200),
-}
 BACKGROUND: tuple[int, int, int] = (235, 235, 235)
 NUMBERS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 # Metadata relation -> prompt phrase.
@@ -78,31 +70,6 @@ def make_prompt(record: Mapping) -> str:
     if "position" in second:
         return f"a photo of {_noun(second)} {RELATIONS[second['position'][0]]} {_noun(first)}"
     return f"a photo of {_noun(first)} and {_noun(second)}"
-
-
-def validate_record(record: Mapping) -> Mapping:
-    """Check that a record only uses this world's classes, colours, counts and relations.
-
-    Returns the record; raises ValueError naming the first problem.
-    """
-    include = record.get("include")
-    if not include:
-        raise ValueError(f"record has no 'include' entries: {record!r}")
-    for i, entry in enumerate([*include, *record.get("exclude", [])]):
-        if entry.get("class") not in SHAPES:
-            raise ValueError(f"unknown class {entry.get('class')!r}; known: {', '.join(SHAPES)}")
-        if "color" in entry and entry["color"] not in COLORS:
-            raise ValueError(f"unknown color {entry['color']!r}; known: {', '.join(COLORS)}")
-        if not isinstance(entry.get("count"), int) or entry["count"] < 1:
-            raise ValueError(f"count must be a positive integer, got {entry.get('count')!r}")
-    for i, entry in enumerate(include):
-        if "position" in entry:
-            relation, target = entry["position"]
-            if relation not in RELATIONS:
-                raise ValueError(f"unknown relation {relation!r}; known: {', '.join(RELATIONS)}")
-            if not (isinstance(target, int) and 0 <= target < len(include) and target != i):
-                raise ValueError(f"position target {target!r} is not another include entry")
-    return record
 
 
 def _record(tag: str, include: list[dict], exclude: list[dict] | None = None) -> dict:
