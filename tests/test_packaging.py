@@ -204,7 +204,9 @@ def test_an_unknown_reward_lists_the_available_names():
     with pytest.raises(RewardConfigError) as info:
         build_reward({"shapez": 1.0})
     head, _, names = str(info.value).partition("; available: ")
+    names, _, own = names.partition("; ")
     listed = names.split(", ")
+    assert own == "or a class of your own as package.module:Class"
     assert head == "unknown reward 'shapez'" and set(REWARD_MODULES) <= set(listed) and listed == sorted(listed)
     assert "shapez" not in REWARDS and "shapes" in REWARDS
 
@@ -273,3 +275,33 @@ def test_save_pipeline_writes_float32_text_encoders(tmp_path):
             dtypes[name] = {handle.get_slice(key).get_dtype() for key in handle.keys()}
     assert dtypes == {"text_encoder": {"F32"}, "text_encoder_2": {"F32"}, "transformer": {"F16"}, "vae": {"F16"}}
     assert json.loads((tmp_path / "text_encoder" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_a_reward_class_of_ones_own_is_named_by_its_import_path(tmp_path, monkeypatch):
+    """``package.module:Class``: no edit of the package; unregistered classes take that name."""
+    (tmp_path / "my_rewards.py").write_text(
+        "import torch\n"
+        "from tpgrpo.rewards import Reward, register_reward\n"
+        "class Brightness(Reward):\n"
+        "    def score(self, images, prompts, metadata):\n"
+        "        return {self.name: images.mean(dim=(1, 2, 3))}\n"
+        "@register_reward('my_contrast')\n"
+        "class Contrast(Reward):\n"
+        "    def score(self, images, prompts, metadata):\n"
+        "        return {self.name: images.std(dim=(1, 2, 3)), 'my_contrast/max': images.amax(dim=(1, 2, 3))}\n"
+        "class NotAReward:\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    reward = build_reward({"my_rewards:Brightness": 2.0, "my_rewards:Contrast": 1.0, "jpeg_compressibility": 0.0})
+    out = reward(images, ["a"] * 3)
+    brightness, contrast = images.mean(dim=(1, 2, 3)), images.std(dim=(1, 2, 3))
+    torch.testing.assert_close(out["my_rewards:Brightness"], brightness)
+    torch.testing.assert_close(out["my_contrast"], contrast)  # a class that registers itself keeps its name
+    torch.testing.assert_close(out["reward"], 2 * brightness + contrast)
+    with pytest.raises(RewardConfigError, match=r"reward 'my_rewards:NotAReward': my_rewards has no subclass of "
+                                                r"tpgrpo.rewards.Reward named 'NotAReward'"):
+        build_reward({"my_rewards:NotAReward": 1.0})
+    with pytest.raises(RewardConfigError, match=r"reward 'no_such_module:X': importing no_such_module failed"):
+        build_reward({"no_such_module:X": 1.0})

@@ -398,7 +398,10 @@ def parse_eval_rewards(eval_rewards: Mapping[str, Any] | None, training: Sequenc
             options is None or isinstance(options, Mapping),
             f"eval_rewards.{name} must be a mapping of the reward's options ({{}} for its defaults), got {options!r}",
         )
-        _check(name in REWARDS, f"eval_rewards.{name}: unknown reward; available: {', '.join(REWARDS)}")
+        _check(
+            name in REWARDS or ":" in name,
+            f"eval_rewards.{name}: unknown reward; available: {', '.join(REWARDS)}, or package.module:Class",
+        )
         if name not in training:
             checked[str(name)] = dict(options or {})
     return checked

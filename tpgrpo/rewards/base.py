@@ -129,15 +129,32 @@ class WeightedReward(torch.nn.Module):
                 scores = reward(images, prompts, metadata)
             except Exception as error:  # name the failing reward; keep the original cause
                 raise RuntimeError(f"reward {name!r} failed: {error}") from error
-            main = scores[name].to(device=total.device, dtype=torch.float32)
+            main = scores[reward.name].to(device=total.device, dtype=torch.float32)
             total = total + self.weights[name] * main
             out.update({key: value.detach().float().to(total.device) for key, value in scores.items()})
         out["reward"] = total
         return out
 
 
+def _imported_reward_class(name: str) -> type[Reward]:
+    """A reward of the user's own named ``package.module:Class``: imported, and registered under
+    that name unless its module registers it itself (its scores then carry the registered name)."""
+    module_name, _, class_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise RewardConfigError(f"reward {name!r}: importing {module_name} failed ({type(error).__name__}: {error})") from error
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Reward)):
+        raise RewardConfigError(f"reward {name!r}: {module_name} has no subclass of tpgrpo.rewards.Reward named {class_name!r}")
+    if cls not in REWARDS.classes.values():
+        register_reward(name)(cls)
+    return cls
+
+
 def reward_class(name: str) -> type[Reward]:
-    """The class registered as ``name``, importing the module of a built-in reward first.
+    """The class registered as ``name``, importing the module of a built-in reward first; a name
+    ``package.module:Class`` imports the user's own reward class.
 
     An unknown name is a `RewardConfigError` listing the available names; a reward module that
     fails to import (a missing optional dependency, a broken install) is one naming the reward and
@@ -145,9 +162,13 @@ def reward_class(name: str) -> type[Reward]:
     """
     if name in REWARDS.classes:
         return REWARDS.classes[name]
+    if ":" in name:
+        return _imported_reward_class(name)
     module = REWARDS.modules.get(name)
     if module is None:
-        raise RewardConfigError(f"unknown reward {name!r}; available: {', '.join(REWARDS)}")
+        raise RewardConfigError(
+            f"unknown reward {name!r}; available: {', '.join(REWARDS)}; or a class of your own as package.module:Class"
+        )
     try:
         importlib.import_module(module)
     except Exception as error:  # ImportError, or whatever the module raised while importing
