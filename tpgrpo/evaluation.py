@@ -1,7 +1,7 @@
 """Evaluation apart from the module: deterministic samples, per-image results and their summaries.
 
 `sample` draws the ODE samples that validation, test and predict score; `summarise_over_ranks`
-computes what needs every rank's images (standard errors, GenEval's overall score);
+computes what needs every rank's images (standard errors, each reward's summary);
 `mean_and_stderr` is the one place that computes a mean with its standard error; `EvalResults`
 is the callback that hands each evaluation's per-image scores to whoever asks (the demo, the
 held-out curve, notebooks) as an explicit `EvalResult`.
@@ -9,7 +9,7 @@ held-out curve, notebooks) as an explicit `EvalResult`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +56,10 @@ def sample(step: GRPOStep, prompts: Sequence[str], seeds: Tensor, num_steps: int
 @dataclass
 class EvalSummary:
     """What one evaluation gives over all ranks' images: the standard error of the mean of each
-    summarised score, and GenEval's overall number (None where it does not apply)."""
+    summarised score, and the rewards' own summaries (`tpgrpo.rewards.Reward.summarise`)."""
 
     stderrs: dict[str, float] = field(default_factory=dict)
-    geneval_overall: float | None = None
+    summaries: dict[str, float] = field(default_factory=dict)
 
 
 def _gathered(batches: Sequence[dict[str, Tensor]], key: str, comm: Collectives) -> Tensor:
@@ -73,34 +73,39 @@ def _gathered(batches: Sequence[dict[str, Tensor]], key: str, comm: Collectives)
     return comm.gather_rows(padded) if length else padded
 
 
+def means_over_ranks(batches: Sequence[dict[str, Tensor]], comm: Collectives) -> dict[str, float]:
+    """The mean over all ranks' images of every score (NaN, a check that does not apply, ignored;
+    NaN where no image has a value). Every rank must call this with the same scores (it sums)."""
+    keys = sorted(batches[0]) if batches else []
+    means = {}
+    for key in keys:
+        values = torch.cat([b[key] for b in batches if key in b]).float()
+        applicable = values[~values.isnan()]
+        total, count = comm.sum(float(applicable.sum())), comm.sum(float(applicable.numel()))
+        means[key] = total / count if count else math.nan
+    return means
+
+
 def summarise_over_ranks(
-    batches: Sequence[dict[str, Tensor]], comm: Collectives, stderr_keys: Sequence[str] = ("reward",)
+    batches: Sequence[dict[str, Tensor]],
+    comm: Collectives,
+    stderr_keys: Sequence[str] = ("reward",),
+    summarise: Callable[[Mapping[str, float]], dict[str, float]] | None = None,
 ) -> EvalSummary:
     """The standard error of the mean of each of ``stderr_keys`` over all ranks' images (0 with a
-    single image), and GenEval's overall score (the mean over its six tags of the correct rate) when
-    the reward reports per-tag results.
+    single image), and ``summarise`` of the means over all ranks of every score.
 
     ``batches``: this rank's per-image scores of each evaluation batch (each (M,), NaN where a
     check does not apply). Every rank must call this with the same keys (it gathers).
     """
-    from tpgrpo.rewards.geneval import TAGS, geneval_overall
-
     summary = EvalSummary()
     for key in stderr_keys:
         values = _gathered(batches, key, comm)
         if values.numel():
             _, stderr = mean_and_stderr(values)
             summary.stderrs[key] = 0.0 if math.isnan(stderr) else stderr
-    keys = [f"geneval/{tag}" for tag in TAGS]
-    if batches and all(key in batches[0] for key in keys):
-        means = {}
-        for key in keys:
-            values = torch.cat([b[key] for b in batches]).float()
-            applicable = values[~values.isnan()]
-            total, count = comm.sum(float(applicable.sum())), comm.sum(float(applicable.numel()))
-            means[key] = total / count if count else math.nan
-        overall = geneval_overall(means)
-        summary.geneval_overall = None if math.isnan(overall) else overall
+    if summarise is not None:
+        summary.summaries = summarise(means_over_ranks(batches, comm))
     return summary
 
 

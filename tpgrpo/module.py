@@ -385,13 +385,18 @@ class TPGRPOModule(LightningModule):
 
     def _finish_eval(self, stage: str) -> None:
         """Log what needs all ranks' images: the standard errors of the reward and of each evaluation
-        reward, and GenEval's overall score."""
+        reward, and every reward's own summary (`tpgrpo.rewards.Reward.summarise`)."""
+        rewards = [self.reward, *self._eval_reward]
+
+        def summarise(means):
+            return {key: value for reward in rewards for key, value in reward.summarise(means).items()}
+
         keys = ["reward", *self.eval_reward_options]
-        summary = evaluation.summarise_over_ranks(self._eval_scores, self.grpo.comm(), keys)
+        summary = evaluation.summarise_over_ranks(self._eval_scores, self.grpo.comm(), keys, summarise)
         for key, stderr in summary.stderrs.items():
             self.log(f"{stage}/{key}_stderr", stderr, sync_dist=False, rank_zero_only=True)
-        if summary.geneval_overall is not None:
-            self.log(f"{stage}/geneval/overall", summary.geneval_overall, sync_dist=False, rank_zero_only=True)
+        for key, value in summary.summaries.items():
+            self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=True)
 
     # ------------------------------------------------------------------------------ text embeddings
     def _cache_embeddings(self) -> None:

@@ -107,6 +107,11 @@ class Reward(torch.nn.Module):
             raise ValueError(f"{len(prompts)} prompts but {len(metadata)} metadata records")
         return self.score(images, prompts, metadata)
 
+    def summarise(self, means: Mapping[str, float]) -> dict[str, float]:
+        """Numbers of a whole evaluation computed from the means over all its images of the scores
+        (``means``: score name -> mean, NaN-ignoring), logged as ``<stage>/<name>``; none by default."""
+        return {}
+
 
 class WeightedReward(torch.nn.Module):
     """Weighted sum of several rewards; returns their entries plus ``"reward"``, the total."""
@@ -134,6 +139,10 @@ class WeightedReward(torch.nn.Module):
             out.update({key: value.detach().float().to(total.device) for key, value in scores.items()})
         out["reward"] = total
         return out
+
+    def summarise(self, means: Mapping[str, float]) -> dict[str, float]:
+        """Every reward's `Reward.summarise` of an evaluation, merged."""
+        return {key: value for reward in self.rewards.values() for key, value in reward.summarise(means).items()}
 
 
 def _imported_reward_class(name: str) -> type[Reward]:

@@ -262,3 +262,10 @@ def geneval_overall(tag_means: Mapping[str, float]) -> float:
         if value is not None and math.isfinite(float(value)):
             rates.append(float(value))
     return float(np.mean(rates)) if rates else math.nan
+
+
+def geneval_summary(name: str, means: Mapping[str, float]) -> dict[str, float]:
+    """``{"<name>/overall": GenEval's overall score}`` from a reward's per-tag means ``<name>/<tag>``
+    (`geneval_overall`); empty when no tag was evaluated."""
+    overall = geneval_overall({tag: means.get(f"{name}/{tag}", math.nan) for tag in TAGS})
+    return {} if math.isnan(overall) else {f"{name}/overall": overall}

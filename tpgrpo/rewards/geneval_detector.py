@@ -48,7 +48,7 @@ from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, Mask2Form
 from tpgrpo.images import to_uint8
 from tpgrpo.rewards.base import RewardConfigError, register_reward
 from tpgrpo.rewards.clip_models import FrozenModelReward, _projected, freeze, load_pretrained
-from tpgrpo.rewards.geneval import POSITION_THRESHOLD, TAGS, judge, validate_record
+from tpgrpo.rewards.geneval import POSITION_THRESHOLD, TAGS, geneval_summary, judge, validate_record
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -390,3 +390,7 @@ class GenEvalReward(FrozenModelReward):
                 [float(j.correct) if r.get("tag") == tag else math.nan for j, r in zip(judgements, metadata)]
             )
         return out
+
+    def summarise(self, means: Mapping[str, float]) -> dict[str, float]:
+        """GenEval's overall score, ``<name>/overall`` (`tpgrpo.rewards.geneval.geneval_summary`)."""
+        return geneval_summary(self.name, means)

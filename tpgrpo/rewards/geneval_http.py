@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tpgrpo.images import to_uint8
 from tpgrpo.rewards.base import Reward, RewardConfigError, register_reward
+from tpgrpo.rewards.geneval import geneval_summary
 
 
 class GenEvalServerError(RuntimeError):
@@ -204,3 +205,7 @@ class GenEvalHttpReward(Reward):
                 values.extend([math.nan] * (min(stop, len(arrays)) - len(values)))
         names = {key: self.name if key == "scores" else f"{self.name}/{key}" for key in columns}
         return {names[key]: torch.tensor(v, dtype=torch.float32, device=images.device) for key, v in columns.items()}
+
+    def summarise(self, means: Mapping[str, float]) -> dict[str, float]:
+        """GenEval's overall score, ``<name>/overall`` (`tpgrpo.rewards.geneval.geneval_summary`)."""
+        return geneval_summary(self.name, means)
