@@ -45,7 +45,7 @@ import transformers
 from torch import Tensor
 
 from tpgrpo.memory import SD35_MEDIUM_TRANSFORMER
-from tpgrpo.pipelines import FlowModel, PromptEmbeds, SD3Model
+from tpgrpo.families import FlowModel, PromptEmbeds, SD3Model
 from tpgrpo.settings import CreditConfig, SamplingConfig, UpdateConfig
 from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
 from tpgrpo.step import GRPOStep

@@ -92,7 +92,7 @@ def test_compiled_blocks_give_the_eager_rollout(tiny_model_dir):
     available, reason = compiler_available()
     if not available:
         pytest.skip(reason)
-    from tpgrpo.pipelines import FlowModel
+    from tpgrpo.families import FlowModel
     from tpgrpo.rollout import rollout
     from tpgrpo.tiny.components import load_pipeline
 

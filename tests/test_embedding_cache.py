@@ -7,7 +7,7 @@ import torch
 
 from tpgrpo.distributed import Collectives
 from tpgrpo.embedding_cache import EmbeddingCache, StaleCacheError, cache_key, distinct_prompts, model_fingerprint
-from tpgrpo.pipelines import FlowModel
+from tpgrpo.families import FlowModel
 
 PROMPTS = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle", "a photo of a circle and a square"]
 

@@ -26,7 +26,7 @@ from tpgrpo.embedding_cache import EmbeddingCache, model_fingerprint
 from tpgrpo.errors import UserInputError
 from tpgrpo.lora import DEFAULT_TARGET_MODULES, add_lora, disabled_adapter, full_tensor
 from tpgrpo.memory import is_lora_target
-from tpgrpo.pipelines import (
+from tpgrpo.families import (
     PIPELINE_FAMILIES,
     Flux2DevModel,
     Flux2Model,
@@ -232,6 +232,13 @@ CONFIGS = {"qwenimage": "configs/qwenimage.yaml", "flux2": "configs/flux2_klein.
            "flux2-dev": "configs/flux2_dev.yaml", "zimage": "configs/zimage.yaml", "flux": "configs/flux.yaml"}
 # FLUX.1 too: its config adapts the feed-forward layers as well, which its pipeline's loader must read
 FIT_FAMILIES = {**BY_NAME, "flux": Family("flux", tiny_flux_pipeline, FluxModel, 6, blocks=2)}
+
+
+def test_every_registered_family_has_a_tiny_stand_in_here():
+    """Adding a family to tpgrpo.families means adding its stand-in to these tests (SD3's is the shipped model's kind)."""
+    assert set(FIT_FAMILIES) | {"sd3"} == {cls.family for cls in PIPELINE_FAMILIES.values()}
+    for family in FIT_FAMILIES.values():
+        assert PIPELINE_FAMILIES[type(family.build()).__name__] is family.model_class
 
 
 @pytest.mark.e2e

@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from tpgrpo.errors import UserInputError
-from tpgrpo.pipelines import FluxModel, FlowModel, ModelLoadError, PromptEmbeds, SD3Model, load_flow_model
+from tpgrpo.families import FluxModel, FlowModel, ModelLoadError, PromptEmbeds, SD3Model, load_flow_model
 from tpgrpo.tiny import MAX_SEQUENCE_LENGTH, build_pipeline
 from tests.helpers.sampling import euler_sample
 from tests.helpers.tiny_models import tiny_flux_pipeline

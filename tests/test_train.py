@@ -13,7 +13,7 @@ from tpgrpo.cli import QUIET_WARNINGS, build_cli, main
 from tpgrpo.ema import LoRAEMA
 from tpgrpo.evaluation import EvalResults
 from tpgrpo.lora import disabled_adapter, lora_parameters
-from tpgrpo.pipelines import FlowModel
+from tpgrpo.families import FlowModel
 from tpgrpo.step import transition_pairs
 from tpgrpo.tiny.components import load_pipeline
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from tpgrpo.distributed import Collectives
 from tpgrpo.errors import UserInputError
-from tpgrpo.pipelines import FlowModel, PromptEmbeds, text_tokenizer
+from tpgrpo.families import FlowModel, PromptEmbeds, text_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = 1

@@ -1,4 +1,4 @@
-"""LoRA policy helpers over peft, for the diffusers transformers of `tpgrpo.pipelines`.
+"""LoRA policy helpers over peft, for the diffusers transformers of `tpgrpo.families`.
 
 The policy is the base transformer plus one LoRA adapter; the reference model of the KL term
 is the same module with the adapter disabled (`disabled_adapter`), so no weights are copied.
@@ -22,26 +22,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from tpgrpo.errors import UserInputError
+from tpgrpo.families import ATTENTION_PROJECTIONS, PIPELINE_FAMILIES  # noqa: F401  (re-exported)
 
-# The image and text attention projections of the joint blocks (Flow-GRPO's and TP-GRPO's
-# recipe). FLUX.1 and Qwen-Image use the same names: FLUX.1's double blocks and Qwen-Image's
-# blocks have all eight, FLUX.1's single blocks the image q/k/v. "attn." keeps SD3.5's extra
-# image-only attention (attn2) out, as the recipe does.
-ATTENTION_PROJECTIONS: tuple[str, ...] = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-)
-# FLUX.2's single blocks fuse q, k, v and the MLP input into one projection
-FLUX2_PROJECTIONS: tuple[str, ...] = (*ATTENTION_PROJECTIONS, "attn.to_qkv_mlp_proj")
-DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    "sd3": ATTENTION_PROJECTIONS,
-    "flux": ATTENTION_PROJECTIONS,
-    "qwenimage": ATTENTION_PROJECTIONS,
-    "flux2": FLUX2_PROJECTIONS,
-    "flux2-dev": FLUX2_PROJECTIONS,
-    # Z-Image is single-stream: one attention per block (refiners included), text and image together
-    "zimage": ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"),
-}
+# each family's default LoRA targets (`tpgrpo.families.FlowModel.lora_targets`), by family name
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {cls.family: cls.lora_targets for cls in PIPELINE_FAMILIES.values()}
 ADAPTER = "default"
 
 

@@ -2,7 +2,7 @@
 
 It composes the pure pieces: `tpgrpo.rollout` (trajectories and branches), `tpgrpo.rewards`
 (scores), `tpgrpo.credit` (per-step rewards, advantages, loss) and `tpgrpo.sde` (log-probs,
-KL). The model side (encode, velocity, decode) lives in `tpgrpo.pipelines`, LoRA in
+KL). The model side (encode, velocity, decode) lives in `tpgrpo.families`, LoRA in
 `tpgrpo.lora`.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tpgrpo.distributed import is_sharded, shard_transformer
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import save_image
 from tpgrpo.lora import add_lora, full_tensor, lora_parameters, trainable_parameters
-from tpgrpo.pipelines import FlowModel, load_flow_model
+from tpgrpo.families import FlowModel, load_flow_model
 from tpgrpo.settings import (
     ComputeConfig,
     PromptCacheConfig,
@@ -66,7 +66,7 @@ class TPGRPOModule(LightningModule):
     Args:
         pretrained_path: hub id or local folder of a diffusers pipeline of a supported family;
             defaults to the shipped tiny model.
-        family: "auto" (read the folder) or one of `tpgrpo.pipelines.PIPELINE_FAMILIES`: "sd3",
+        family: "auto" (read the folder) or one of `tpgrpo.families.PIPELINE_FAMILIES`: "sd3",
             "flux", "qwenimage", "flux2", "flux2-dev", "zimage".
         rewards: reward names and weights, each a weight or a mapping of the weight and the
             reward's options, e.g. ``{pickscore: 1.0, ocr: {weight: 0.5, engine: tesseract}}``.

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from tpgrpo.pipelines import text_tokenizer
+from tpgrpo.families import text_tokenizer
 
 # messages of diffusers' encode_prompt helpers and of transformers' tokenizers about truncation
 _TRUNCATION_MESSAGES = ("input was truncated because", "Token indices sequence length is longer than")

@@ -449,7 +449,7 @@ def check_model_settings(model: Mapping[str, Any] | Any) -> None:
         as_group(cls, model.get(name))
     training = [spec.name for spec in parse_rewards(model.get("rewards"))]
     parse_eval_rewards(model.get("eval_rewards"), training)
-    from tpgrpo.pipelines import PIPELINE_FAMILIES
+    from tpgrpo.families import PIPELINE_FAMILIES
 
     families = sorted(cls.family for cls in PIPELINE_FAMILIES.values())
     family = model.get("family", "auto")

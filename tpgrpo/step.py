@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tpgrpo import credit as credit_rules
 from tpgrpo.distributed import Collectives
 from tpgrpo.lora import disabled_adapter
-from tpgrpo.pipelines import FlowModel, PromptEmbeds
+from tpgrpo.families import FlowModel, PromptEmbeds
 from tpgrpo.prompt_length import PromptLengthCheck
 from tpgrpo.rollout import Rollout, VelocityFn, rollout, sample_window_start
 from tpgrpo.sde import kl_to_reference, sde_step, step_std
@@ -118,7 +118,7 @@ class GRPOStep:
     """Collects rollout batches of a flow model and gives the GRPO loss of their transitions.
 
     Args:
-        flow: the frozen pipeline (`tpgrpo.pipelines.FlowModel`).
+        flow: the frozen pipeline (`tpgrpo.families.FlowModel`).
         transformer: the transformer to roll out and train (LoRA-wrapped, possibly sharded).
         reward: ``reward(images, prompts, metadata) -> {"reward": (N,), ...}``.
         sampling, credit, update: the settings groups (`tpgrpo.settings`).

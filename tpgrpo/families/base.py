@@ -1,9 +1,6 @@
 """The model side of TP-GRPO: a flow-matching text-to-image model behind one small interface.
 
-`FlowModel` wraps a diffusers pipeline (SD3 / SD3.5 through `SD3Model`, FLUX.1 through
-`FluxModel`, Qwen-Image through `QwenImageModel`, FLUX.2 [klein] through `Flux2Model`,
-FLUX.2 [dev] through `Flux2DevModel`, Z-Image through `ZImageModel`) and exposes what the
-rollout and the training step need:
+`FlowModel` wraps a diffusers pipeline and exposes what the rollout and the training step need:
 
     cond = model.encode(prompts)                          # PromptEmbeds of N images, no grad
     sigmas = model.sigmas(num_steps, resolution)          # (T+1,) float32, 1 -> 0
@@ -17,40 +14,37 @@ weights are frozen on construction; the policy is a LoRA added to ``model.transf
 (see `tpgrpo.lora`), and ``velocity(..., transformer=...)`` accepts a wrapped transformer.
 `FlowModel` is an ``nn.Module`` so that Lightning moves it with the LightningModule; its
 state dict therefore holds every frozen weight (save only the LoRA in checkpoints).
+
+Each family is one file of this package with one `FlowModel` subclass, registered for its
+diffusers pipeline class by `register_family`.
 """
 from __future__ import annotations
 
-import inspect
-import json
-import os
-import re
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from diffusers import (
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    Flux2KleinPipeline,
-    Flux2Pipeline,
-    FluxPipeline,
-    QwenImagePipeline,
-    StableDiffusion3Pipeline,
-    ZImagePipeline,
-)
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from transformers import ProcessorMixin
 
 from tpgrpo.errors import UserInputError
 
+
 Resolution = int | tuple[int, int]
+# The image and text attention projections of the joint blocks (Flow-GRPO's and TP-GRPO's
+# recipe). FLUX.1 and Qwen-Image use the same names: FLUX.1's double blocks and Qwen-Image's
+# blocks have all eight, FLUX.1's single blocks the image q/k/v. "attn." keeps SD3.5's extra
+# image-only attention (attn2) out, as the recipe does.
+ATTENTION_PROJECTIONS: tuple[str, ...] = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)
 
 
 class ModelLoadError(UserInputError):
@@ -154,6 +148,7 @@ class FlowModel(nn.Module):
 
     family: str = ""
     pipeline_class: type[DiffusionPipeline]
+    lora_targets: tuple[str, ...] = ATTENTION_PROJECTIONS  # module name suffixes the LoRA adapts by default
     default_max_sequence_length: int = 256
     negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
     sequence_tokenizers: tuple[str, ...] = ("tokenizer",)  # the pipeline's tokenizers cut at max_sequence_length
@@ -195,11 +190,11 @@ class FlowModel(nn.Module):
     @staticmethod
     def from_pipeline(pipe: DiffusionPipeline, **kwargs) -> FlowModel:
         """The `FlowModel` subclass for ``pipe``'s class; ``kwargs`` go to its constructor."""
-        for cls in PIPELINE_FAMILIES.values():
+        for cls in FAMILIES.values():
             if isinstance(pipe, cls.pipeline_class):
                 return cls(pipe, **kwargs)
         raise ModelLoadError(
-            f"unsupported pipeline class {type(pipe).__name__}; supported: {', '.join(PIPELINE_FAMILIES)}"
+            f"unsupported pipeline class {type(pipe).__name__}; supported: {', '.join(FAMILIES)}"
         )
 
     @property
@@ -415,302 +410,6 @@ class FlowModel(nn.Module):
         return self.vae.decode(latents / config.scaling_factor + (config.shift_factor or 0.0), return_dict=False)[0]
 
 
-class SD3Model(FlowModel):
-    """Stable Diffusion 3 / 3.5 (`StableDiffusion3Pipeline`): CLIP-L + CLIP-G (+ T5) and an MMDiT.
-
-    Classifier-free guidance batches the unconditional (empty prompt unless ``uncond`` is
-    given) and conditional rows into one transformer call: ``v = v_u + g·(v_c - v_u)``.
-    """
-
-    family = "sd3"
-    pipeline_class = StableDiffusion3Pipeline
-    default_max_sequence_length = 256
-    sequence_tokenizers = ("tokenizer_3",)  # T5; the CLIP tokenizers read 77 tokens
-
-    @property
-    def _patch(self) -> int:
-        return self.transformer.config.patch_size
-
-    @property
-    def _latent_channels(self) -> int:
-        return self.transformer.config.in_channels
-
-    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
-        return PromptEmbeds(embeds, pooled)
-
-    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        guided = guidance_scale > 1.0
-        if guided:
-            latents, sigma, cond = self._guidance_batch(latents, sigma, cond, uncond)
-        cond = cond.to(self.dtype)
-        out = transformer(
-            hidden_states=latents.to(self.dtype),
-            timestep=sigma * self.pipe.scheduler.config.num_train_timesteps,
-            encoder_hidden_states=cond.prompt_embeds,
-            pooled_projections=cond.pooled,
-            return_dict=False,
-        )[0].float()
-        if not guided:
-            return out
-        return guided_velocity(out, guidance_scale)
-
-
-class FluxModel(FlowModel):
-    """FLUX.1 (`FluxPipeline`): CLIP-L pooled + T5 tokens, guidance-distilled transformer.
-
-    ``guidance_scale`` goes to the transformer's guidance embedding (FLUX.1-dev); there is no
-    unconditional branch, so ``uncond`` must be None. Latents are packed into 2x2 patches
-    inside `velocity`.
-    """
-
-    family = "flux"
-    pipeline_class = FluxPipeline
-    default_max_sequence_length = 512
-    sequence_tokenizers = ("tokenizer_2",)  # T5
-    _patch = 2
-
-    @property
-    def _latent_channels(self) -> int:
-        return self.transformer.config.in_channels // 4
-
-    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
-        )
-        return PromptEmbeds(embeds, pooled)
-
-    def _base_sigmas(self, num_steps: int) -> list[float]:
-        return linear_sigmas(num_steps)
-
-    @staticmethod
-    def pack(latents: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) -> (N, h·w/4, 4C) tokens of 2x2 patches, as FLUX's transformer reads them."""
-        return pack_2x2(latents)
-
-    @staticmethod
-    def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Inverse of `pack`: (N, h·w/4, 4C) -> (N, C, h, w)."""
-        return unpack_2x2(tokens, h, w)
-
-    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        guidance = self._embedded_guidance(latents, guidance_scale, uncond)
-        n, _, h, w = latents.shape
-        device = latents.device
-        cond = cond.to(self.dtype)
-        out = transformer(
-            hidden_states=self.pack(latents.to(self.dtype)),
-            timestep=sigma,
-            guidance=guidance,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.prompt_embeds,
-            txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=device, dtype=self.dtype),
-            img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, device, self.dtype),
-            return_dict=False,
-        )[0]
-        return self.unpack(out.float(), h, w)
-
-
-class QwenImageModel(FlowModel):
-    """Qwen-Image (`QwenImagePipeline`): Qwen2.5-VL hidden states and an MMDiT on 2x2 patches.
-
-    Prompts are padded to ``max_sequence_length`` tokens and masked. Classifier-free guidance
-    (the pipeline's "true CFG") batches the negative prompt " " (Qwen-Image's examples) with the
-    prompts, ``v = v_u + g·(v_c - v_u)``, then rescales each image token to the norm of ``v_c``
-    as the pipeline does. Sigmas shift with the image size.
-    """
-
-    family = "qwenimage"
-    pipeline_class = QwenImagePipeline
-    default_max_sequence_length = 512
-    negative_prompt = " "
-    _patch = 2
-
-    @property
-    def _latent_channels(self) -> int:
-        return self.transformer.config.in_channels // 4
-
-    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, mask = self.pipe.encode_prompt(
-            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
-        )
-        return PromptEmbeds(embeds, mask=None if mask is None else mask.bool()).padded(self.max_sequence_length)
-
-    def _base_sigmas(self, num_steps: int) -> list[float]:
-        return linear_sigmas(num_steps)
-
-    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        _, _, h, w = latents.shape
-        guided = guidance_scale > 1.0
-        if guided:
-            latents, sigma, cond = self._guidance_batch(latents, sigma, cond, uncond)
-        cond = cond.to(self.dtype)
-        rows = len(cond)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((rows,), float(guidance_scale), device=latents.device, dtype=torch.float32)
-        out = transformer(
-            hidden_states=pack_2x2(latents.to(self.dtype)),
-            timestep=sigma,
-            guidance=guidance,
-            encoder_hidden_states=cond.prompt_embeds,
-            encoder_hidden_states_mask=None if cond.mask is None or cond.mask.all() else cond.mask,
-            img_shapes=[[(1, h // 2, w // 2)]] * rows,
-            return_dict=False,
-        )[0].float()
-        if guided:
-            v_uncond, v_cond = out.chunk(2)
-            combined = v_uncond + guidance_scale * (v_cond - v_uncond)
-            out = combined * (v_cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
-        return unpack_2x2(out, h, w)
-
-    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-        inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-        frames = latents.unsqueeze(2) / inverse_std + mean  # the VAE is a video VAE: one frame
-        return self.vae.decode(frames, return_dict=False)[0][:, :, 0]
-
-
-class Flux2Model(FlowModel):
-    """FLUX.2 [klein] (`Flux2KleinPipeline`): Qwen3 hidden states of three layers and a FLUX-style
-    transformer with 4-axis rotary position ids.
-
-    Latents are the VAE's latents in 2x2 patches, normalised by the VAE's batch-norm statistics,
-    (N, 4C, H/16, W/16), as the pipeline draws them; the transformer reads them as raster-order
-    tokens. Prompts are padded to ``max_sequence_length`` tokens and not masked (as the pipeline
-    does). Guidance: the base models use classifier-free guidance with the empty prompt; a
-    step-distilled model (``is_distilled``) takes none, so ``guidance_scale`` must be 1. The
-    sigma schedule's shift depends on the image size and the number of steps (FLUX.2's rule).
-    """
-
-    family = "flux2"
-    pipeline_class = Flux2KleinPipeline
-    default_max_sequence_length = 512
-    _patch = 1
-
-    @property
-    def _latent_scale(self) -> int:
-        return self.vae_scale_factor * 2
-
-    @property
-    def _latent_channels(self) -> int:
-        return self.transformer.config.in_channels
-
-    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, _ = self.pipe.encode_prompt(
-            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
-        )
-        return PromptEmbeds(embeds)
-
-    def _base_sigmas(self, num_steps: int) -> list[float] | None:
-        return None if self.pipe.scheduler.config.get("use_flow_sigmas") else linear_sigmas(num_steps)
-
-    def _mu(self, resolution: Resolution, num_steps: int) -> float:
-        return compute_empirical_mu(self._image_tokens(resolution), num_steps)
-
-    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        guided = guidance_scale > 1.0
-        if guided and self.pipe.config.get("is_distilled", False):
-            raise UserInputError(
-                f"guidance_scale {guidance_scale}: this FLUX.2 model is step-distilled and takes no guidance; use 1"
-            )
-        if not guided:
-            return self._forward(transformer, latents, sigma, cond)
-        return guided_velocity(self._forward(transformer, *self._guidance_batch(latents, sigma, cond, uncond)),
-                               guidance_scale)
-
-    def _forward(self, transformer, latents, sigma, cond, guidance=None):
-        """One transformer call on the latents as raster-order tokens, with FLUX.2's position ids."""
-        _, c, h, w = latents.shape
-        cond = cond.to(self.dtype)
-        tokens = latents.to(self.dtype).flatten(2).transpose(1, 2)
-        out = transformer(
-            hidden_states=tokens,
-            encoder_hidden_states=cond.prompt_embeds,
-            timestep=sigma,
-            img_ids=self.pipe._prepare_latent_ids(latents).to(latents.device),
-            txt_ids=self.pipe._prepare_text_ids(cond.prompt_embeds).to(latents.device),
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-        return out[:, : h * w].float().transpose(1, 2).reshape(len(cond), c, h, w)
-
-    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        norm = self.vae.bn
-        mean = norm.running_mean.view(1, -1, 1, 1).to(latents)
-        std = torch.sqrt(norm.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(latents)
-        return self.vae.decode(self.pipe._unpatchify_latents(latents * std + mean), return_dict=False)[0]
-
-
-class Flux2DevModel(Flux2Model):
-    """FLUX.2 [dev] (`Flux2Pipeline`): Mistral Small 3 hidden states of three layers (the pipeline's
-    system message before each prompt) and the FLUX.2 transformer; latents, position ids and the
-    sigma schedule are FLUX.2 [klein]'s. The model is guidance-distilled: ``guidance_scale`` goes
-    to the transformer's guidance embedding and there is no unconditional branch, so ``uncond``
-    must be None.
-    """
-
-    family = "flux2-dev"
-    pipeline_class = Flux2Pipeline
-
-    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        return self._forward(transformer, latents, sigma, cond, self._embedded_guidance(latents, guidance_scale, uncond))
-
-
-class ZImageModel(FlowModel):
-    """Z-Image (`ZImagePipeline`): Qwen3 hidden states and a single-stream DiT.
-
-    Prompts are padded to ``max_sequence_length`` tokens and masked; the transformer takes each
-    image's real tokens. Its output is the negative of the flow velocity (`velocity` flips it) and
-    its timestep is ``1 - sigma``. Classifier-free guidance with the empty prompt is
-    ``v = v_u + g·(v_c - v_u)``: ``guidance_scale`` g here is the pipeline's ``guidance_scale + 1``
-    (1 disables it; Z-Image-Turbo takes none).
-    """
-
-    family = "zimage"
-    pipeline_class = ZImagePipeline
-    default_max_sequence_length = 512
-    _patch = 2
-
-    @property
-    def _latent_channels(self) -> int:
-        return self.transformer.config.in_channels
-
-    def _encode_unique(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, _ = self.pipe.encode_prompt(
-            prompt=list(prompts),  # the pipeline rewrites the list in place
-            device=self.device,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length,
-        )
-        rows = [PromptEmbeds(e[None], mask=torch.ones(1, len(e), dtype=torch.bool, device=e.device)) for e in embeds]
-        return PromptEmbeds.cat(rows).padded(self.max_sequence_length)
-
-    def _base_sigmas(self, num_steps: int) -> list[float]:
-        return linear_sigmas(num_steps)
-
-    def _velocity(self, transformer, latents, sigma, cond, guidance_scale, uncond):
-        guided = guidance_scale > 1.0
-        if guided:
-            latents, sigma, cond = self._guidance_batch(latents, sigma, cond, uncond)
-        cond = cond.to(self.dtype)
-        captions = [embeds[mask] for embeds, mask in zip(cond.prompt_embeds, cond.token_mask())]
-        frames = list(latents.to(self.dtype).unsqueeze(2).unbind(0))
-        out = transformer(frames, 1.0 - sigma, captions, return_dict=False)[0]
-        velocity = -torch.stack([frame.float() for frame in out]).squeeze(2)
-        if not guided:
-            return velocity
-        return guided_velocity(velocity, guidance_scale)
-
-
 def guided_velocity(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """``v_u + g·(v_c - v_u)`` from the output of a `_guidance_batch` call (unconditional half first)."""
     v_uncond, v_cond = out.chunk(2)
@@ -740,109 +439,21 @@ def text_tokenizer(tokenizer):
     return tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
 
 
-PIPELINE_FAMILIES: dict[str, type[FlowModel]] = {
-    "StableDiffusion3Pipeline": SD3Model,
-    "FluxPipeline": FluxModel,
-    "QwenImagePipeline": QwenImageModel,
-    "Flux2KleinPipeline": Flux2Model,
-    "Flux2Pipeline": Flux2DevModel,
-    "ZImagePipeline": ZImageModel,
-}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-def load_flow_model(
-    pretrained_path: str | os.PathLike,
-    family: str = "auto",
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-    max_sequence_length: int | None = None,
-    offload_text_encoders: bool = False,
-    decode_batch_size: int = 16,
-    local_files_only: bool = False,
-) -> FlowModel:
-    """Load a supported pipeline (`PIPELINE_FAMILIES`) from a local folder or a hub id as a frozen `FlowModel`.
-
-    ``pretrained_path``: a folder written by ``save_pretrained`` (with model_index.json), or
-    a hub id such as ``stabilityai/stable-diffusion-3.5-medium`` / ``black-forest-labs/FLUX.1-dev``
-    (downloaded once into the Hugging Face cache). ``family``: "auto" (from model_index.json)
-    or a family name ("sd3", "flux", "qwenimage", "flux2", "flux2-dev", "zimage"). ``dtype``: of every component. ``local_files_only``: never use the
-    network (hub ids must then be cached). The remaining arguments go to `FlowModel`.
-    Components missing from the folder (no T5, no image encoder) are loaded as None.
-    """
-    families = {cls.family for cls in PIPELINE_FAMILIES.values()}
-    if family != "auto" and family not in families:
-        raise ModelLoadError(f"unknown model family {family!r}; use 'auto', {', '.join(map(repr, sorted(families)))}")
-    folder = _resolve_folder(str(pretrained_path), local_files_only)
-    model_class = _model_class(folder, family)
-    pipeline_class = model_class.pipeline_class
-    index = json.loads((folder / "model_index.json").read_text())
-    absent = {name: None for name in _component_names(pipeline_class) if _is_absent(index.get(name))}
-    try:
-        pipe = pipeline_class.from_pretrained(folder, dtype=dtype, **absent)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"could not load the pipeline in {folder}: {error}") from error
-    if device is not None:
-        pipe.to(device)
-    return model_class(
-        pipe,
-        max_sequence_length=max_sequence_length,
-        offload_text_encoders=offload_text_encoders,
-        decode_batch_size=decode_batch_size,
-    )
-
-
-def _resolve_folder(path: str, local_files_only: bool) -> Path:
-    """The local folder of ``path``: itself if it exists, else the hub snapshot of the id."""
-    folder = Path(path).expanduser()
-    if folder.exists():
-        if not folder.is_dir():
-            raise ModelLoadError(f"model path {path} is a file; pass the pipeline folder (with model_index.json)")
-        return folder
-    if not _HUB_ID.match(path):
-        raise ModelLoadError(f"model path {path} does not exist (and is not a hub id like owner/name)")
-    try:
-        return Path(DiffusionPipeline.download(path, local_files_only=local_files_only))
-    except Exception as error:  # the hub raises OSError, HTTP and connection errors alike
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelLoadError(
-            f"could not download {path!r} from the Hugging Face hub ({reason}); check the id, your access "
-            f"(gated models need `hf auth login`), your network or HF_HUB_OFFLINE, or pass a local folder"
-        ) from error
-
-
-def _model_class(folder: Path, family: str) -> type[FlowModel]:
-    """The `FlowModel` subclass for the pipeline in ``folder``, checked against ``family``."""
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        class_name = json.loads(index_file.read_text()).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise ModelLoadError(f"{index_file} is not a valid model index: {error}") from error
-    if class_name not in PIPELINE_FAMILIES:
-        raise ModelLoadError(
-            f"unsupported pipeline class {class_name!r} in {index_file}; supported: {', '.join(PIPELINE_FAMILIES)}"
-        )
-    model_class = PIPELINE_FAMILIES[class_name]
-    if family not in ("auto", model_class.family):
-        raise ModelLoadError(f"{folder} holds a {class_name} ({model_class.family}), but family={family!r} was asked")
-    return model_class
-
-
-def _component_names(pipeline_class: type[DiffusionPipeline]) -> list[str]:
-    """Names of the components ``pipeline_class.__init__`` takes."""
-    return [name for name in inspect.signature(pipeline_class.__init__).parameters if name != "self"]
-
-
-def _is_absent(entry: object) -> bool:
-    """True for a model_index.json entry of a component that was saved as None (or is missing)."""
-    return entry is None or (isinstance(entry, list) and all(part is None for part in entry))
-
-
 def _pair(resolution: Resolution) -> tuple[int, int]:
     """(H, W) from an int or a pair."""
     if isinstance(resolution, int):
         return resolution, resolution
     height, width = resolution
     return int(height), int(width)
+
+
+FAMILIES: dict[str, type[FlowModel]] = {}  # diffusers pipeline class name -> its FlowModel subclass
+
+
+def register_family(cls: type[FlowModel]) -> type[FlowModel]:
+    """Class decorator: the `FlowModel` subclass that serves ``cls.pipeline_class``."""
+    name = cls.pipeline_class.__name__
+    if name in FAMILIES and FAMILIES[name] is not cls:
+        raise ValueError(f"two families serve {name}")
+    FAMILIES[name] = cls
+    return cls
