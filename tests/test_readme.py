@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them ou
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "tpgrpo" / "tiny" / "MODEL_CARD.md",
         *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md", "memory.md", "tasks.md",
-                                             "models.md"))]
+                                             "models.md", "reproducing.md"))]
 COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
 
 # Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.
@@ -168,6 +168,19 @@ def check_help(command: str, work: Path) -> None:
     run([*argv, "--help"])
 
 
+def check_aesthetic_conversion(command: str, work: Path) -> None:
+    """The head conversion on a random head saved as the released file is (a state dict of tensors)."""
+    import torch
+
+    from tpgrpo.rewards.aesthetic import aesthetic_head, load_head
+
+    argv = shlex.split(command)
+    source, target = work / argv[-2], work / argv[-1]
+    torch.save({f"layers.{key}": value for key, value in aesthetic_head().state_dict().items()}, source)
+    run([sys.executable, *argv[1:-2], str(source), str(target)])
+    load_head(target)
+
+
 def check_torchrun(command: str, work: Path) -> None:
     """One node, two CPU processes: torchrun starts the ranks, Lightning joins them (the tiny model
     stands in for a real-weight config)."""
@@ -240,6 +253,9 @@ def check_benchmark(command: str, work: Path) -> None:
     elif "gradient_snr.py" in argv[1]:
         run([*script, "--prompts=2", "--batches=2", f"--out={work / 'snr.json'}", "--", *cli, "--data.group_size=2"])
         assert (work / "snr.json").is_file()
+    elif "mutation.py" in argv[1]:  # the mutants are made and listed; running them is the benchmark's hour
+        listed = run([*script, "--list"]).stdout.splitlines()
+        assert len(listed) > 50 and all(re.match(r"\S+ tpgrpo/(credit|sde|rollout)\.py:\d+ \[", line) for line in listed)
     elif "ocr_engines.py" in argv[1]:
         run([*script, "--count=5", f"--out={work / 'ocr.json'}"])
         assert "rapidocr" in json.loads((work / "ocr.json").read_text())["engines"]
@@ -282,6 +298,7 @@ def check_for(command: str):
         "python -m tpgrpo.prompts ": check_prompts,
         "python benchmarks/": check_benchmark,
         "python -m tpgrpo.memory": check_memory,
+        "python -m tpgrpo.rewards.aesthetic ": check_aesthetic_conversion,
     }
     return next((check for prefix, check in by_prefix.items() if command.startswith(prefix)), None)
 

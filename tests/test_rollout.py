@@ -254,3 +254,115 @@ def test_ode_sample_is_the_euler_loop():
         expected = ode_step(velocity_fn(expected, here, rows), expected, here, there)
     torch.testing.assert_close(ode_sample(velocity_fn, latents, sigmas), expected)
     torch.testing.assert_close(ode_sample(velocity_fn, latents, sigmas, max_batch=2), expected)
+
+
+def test_sample_window_start_draws_from_the_generator():
+    # the draw is torch.randint(lo, hi - W + 1) on the given generator, so a seed reproduces the windows
+    ours, reference = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    draws = [sample_window_start(10, 3, (2, 8), ours) for _ in range(20)]
+    assert draws == [int(torch.randint(2, 6, (1,), generator=reference)) for _ in range(20)]
+
+
+def test_sample_window_start_at_the_smallest_sizes():
+    assert sample_window_start(1, 1) == 0  # one step, one-step window
+    assert sample_window_start(5, 1, (4, 5)) == 4  # a one-step window on the last step
+
+
+@pytest.mark.parametrize(
+    "num_steps, size, window_range, message",
+    [
+        (0, 1, (0, 1), r"num_steps must be >= 1"),
+        (10, 3, (4, 4), r"window_range must satisfy"),  # an empty range is refused as a range, not as too short
+        (10, 0, (0, 10), r"window_size must be in \[1, num_steps=10\]"),
+    ],
+)
+def test_sample_window_start_names_the_first_bad_argument(num_steps, size, window_range, message):
+    with pytest.raises(ValueError, match=message):
+        sample_window_start(num_steps, size, window_range)
+
+
+class RowRecorder:
+    """Velocity that depends on the image row and records the rows of every call."""
+
+    def __init__(self):
+        self.rows: list[list[int]] = []
+
+    def __call__(self, latents: torch.Tensor, sigma: float, rows: torch.Tensor) -> torch.Tensor:
+        self.rows.append(rows.tolist())
+        return torch.tanh(latents) * (1 + sigma) + rows.view(-1, 1, 1, 1).float()
+
+
+@pytest.mark.parametrize("implementation", [rollout_sequential, rollout])
+def test_every_latent_gets_its_own_image_row(implementation):
+    # more images (5) than channels (2); T = 4, s = 0, W = 2: the engine evaluates the main trajectory
+    # with every completion due at a step in one call, so each call's rows are 0..4 repeated
+    velocity_fn = RowRecorder()
+    latents = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    out = implementation(velocity_fn, latents, shifted_sigmas(4), 0, 2, 0.7, generator=torch.Generator().manual_seed(1))
+    assert all(rows == list(range(5)) * (len(rows) // 5) and len(rows) % 5 == 0 for rows in velocity_fn.rows)
+    assert out.final_latents.shape == (5, 3, 2, 3, 3)
+
+
+@pytest.mark.parametrize("implementation, nfe", [(rollout_sequential, 4 + 4 + 3), (rollout, 4 + 3 + 2)])
+def test_one_image_counts_its_evaluations(implementation, nfe):
+    # T = 4, s = 0, W = 2. Sequential: main 4 + baseline 4 + branch k=1 (4 - 1) = 11.
+    # Engine: main 4 + baseline (4 - 1) + branch (4 - 1 - 1) = 9, each completion's first step reused.
+    latents = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    out = implementation(RowRecorder(), latents, shifted_sigmas(4), 0, 2, 0.7, generator=torch.Generator().manual_seed(1))
+    assert out.nfe_per_image == nfe and type(out.nfe_per_image) is int
+
+
+def test_a_single_step_rollout():
+    # T = 1, W = 1 ("sde" at σ = 1 takes the next sigma in the denominator): main and baseline, one step each
+    reference, engine, _, _ = run_both(1, 0, 1, noise_level=0.7, kind="sde")
+    assert_same_rollout(reference, engine)
+    assert engine.final_latents.shape == (BATCH, 2, CHANNELS, SIZE, SIZE)
+    assert (engine.nfe_per_image, reference.nfe_per_image) == (1, 2)
+
+
+def test_minimum_nfe_refuses_zero_steps():
+    with pytest.raises(ValueError, match="at least one step"):
+        minimum_nfe(0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(sigmas=torch.tensor([1.0])), r"1-D tensor of T\+1 >= 2"),
+        (dict(sigmas=torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]])), r"1-D tensor of T\+1 >= 2"),
+        (dict(sigmas=torch.tensor([1.0, 0.5, 0.5, 0.0])), "strictly decreasing"),  # a repeated sigma
+        (dict(window_start=2, window_size=2), "does not fit"),  # steps 2, 3 of T = 3: one too far
+    ],
+)
+@pytest.mark.parametrize("implementation", [rollout_sequential, rollout])
+def test_rollouts_reject_bad_sigmas_and_windows(implementation, change, message):
+    kwargs = dict(
+        velocity_fn=ToyVelocity(), initial_latents=initial_latents(), sigmas=shifted_sigmas(3), window_start=1,
+        window_size=1, noise_level=0.7,
+    )
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        implementation(**kwargs)
+
+
+def test_both_implementations_record_their_settings_in_float32():
+    sigmas = shifted_sigmas(6).double()
+    for implementation in (rollout_sequential, rollout):
+        out = implementation(
+            ToyVelocity(), initial_latents(), sigmas, 1, 3, 0.7, generator=torch.Generator().manual_seed(0), branch_steps=2
+        )
+        assert out.sigmas.dtype == torch.float32 and out.branch_steps == 2
+
+
+def test_window_noise_is_drawn_in_float32_under_another_default_dtype():
+    # Lightning's "-true" precisions change the default dtype inside a step; the generator's draw must not follow it
+    velocity_fn, latents, sigmas = ToyVelocity(), initial_latents(), shifted_sigmas(5)
+    step_noise = torch.randn((BATCH, 3, CHANNELS, SIZE, SIZE), generator=torch.Generator().manual_seed(9))
+    given = rollout(velocity_fn, latents, sigmas, 1, 3, 0.7, step_noise=step_noise)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        drawn = rollout(velocity_fn, latents, sigmas, 1, 3, 0.7, generator=torch.Generator().manual_seed(9))
+    finally:
+        torch.set_default_dtype(previous)
+    assert_same_rollout(drawn, given)

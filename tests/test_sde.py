@@ -114,3 +114,79 @@ def test_bad_inputs_raise():
         sde_step(v, x, 0.4, 0.5, 0.7)
     with pytest.raises(ValueError, match="noise_level"):
         sde_step(v, x, 0.5, 0.4, 1.5, kind="cps")
+
+
+@pytest.mark.parametrize("kind", ["cps", "sde"])
+def test_outputs_stay_float32_under_another_default_dtype(kind):
+    # Lightning's "-true" precisions change the default dtype inside a step; scalars and fresh noise must not follow it
+    x, v = _state()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        sample, log_prob, mean = sde_step(v, x, 0.8, 0.6, 0.7, kind=kind, generator=torch.Generator().manual_seed(7))
+        outputs = [sample, log_prob, mean, ode_step(v, x, 0.8, 0.6), step_std(0.8, 0.6, 0.7, kind), kl_to_reference(x, v, 0.25)]
+    finally:
+        torch.set_default_dtype(previous)
+    assert [t.dtype for t in outputs] == [torch.float32] * len(outputs)
+
+
+@pytest.mark.parametrize("kind", ["cps", "sde"])
+def test_step_std_is_float32_for_float64_sigmas(kind):
+    sigma, sigma_next = torch.tensor([0.8], dtype=torch.float64), torch.tensor([0.6], dtype=torch.float64)
+    std = step_std(sigma, sigma_next, 0.7, kind)
+    assert std.dtype == torch.float32
+    expected = 0.6 * math.sin(0.7 * math.pi / 2) if kind == "cps" else 0.7 * math.sqrt(0.8 / 0.2)
+    assert float(std) == pytest.approx(expected, rel=1e-6)
+
+
+def test_float64_per_sample_sigmas_give_float32_results():
+    x, v = _state(batch=2)
+    sigmas, nexts = torch.tensor([0.9, 0.7], dtype=torch.float64), torch.tensor([0.5, 0.4], dtype=torch.float64)
+    sample, log_prob, mean = sde_step(v, x, sigmas, nexts, 0.5, kind="cps", noise=torch.randn_like(x))
+    assert (sample.dtype, log_prob.dtype, mean.dtype) == (torch.float32,) * 3
+
+
+def test_the_generator_draws_the_noise():
+    x, v = _state()
+    sigma, sigma_next, a = 0.9, 0.5, 0.7
+    sample, _, mean = sde_step(v, x, sigma, sigma_next, a, kind="cps", generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(sample, mean + sigma_next * math.sin(a * math.pi / 2) * noise)
+
+
+def test_cps_at_full_noise_level_keeps_only_the_clean_estimate():
+    # a = 1: std = σ'·sin(π/2) = σ', so sqrt(σ'² - std²) = 0 and mean = (1 - σ')·(x - σ·v)
+    x, v = _state()
+    noise = torch.randn_like(x)
+    sample, _, mean = sde_step(v, x, 0.9, 0.5, 1.0, kind="cps", noise=noise)
+    torch.testing.assert_close(mean, 0.5 * (x - 0.9 * v))
+    torch.testing.assert_close(sample, mean + 0.5 * noise)
+
+
+def test_equal_sigmas_raise():
+    x, v = _state()
+    with pytest.raises(ValueError, match="smaller"):
+        sde_step(v, x, 0.5, 0.5, 0.7)
+
+
+def test_kl_of_a_zero_noise_step_has_zero_gradient():
+    # per-sample std [0, 0.5], means 0.5 apart over 4 elements: KL = [0, 0.25 / (2·0.25)] = [0, 0.5],
+    # d KL_1 / d mean = (mean - reference) / (4·0.25) = -0.5 per element; sample 0 gets exactly 0, not NaN
+    reference = torch.zeros(2, 4)
+    mean = torch.full((2, 4), -0.5, requires_grad=True)
+    kl = kl_to_reference(mean, reference, torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(kl.detach(), torch.tensor([0.0, 0.5]))
+    kl.sum().backward()
+    torch.testing.assert_close(mean.grad, torch.tensor([[0.0] * 4, [-0.5] * 4]))
+
+
+def test_the_noise_is_drawn_in_float32_under_another_default_dtype():
+    x, v = _state()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        sample, _, mean = sde_step(v, x, 0.9, 0.5, 0.7, kind="cps", generator=torch.Generator().manual_seed(7))
+    finally:
+        torch.set_default_dtype(previous)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float32)
+    torch.testing.assert_close(sample, mean + 0.5 * math.sin(0.7 * math.pi / 2) * noise)

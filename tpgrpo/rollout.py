@@ -212,7 +212,7 @@ class _Evaluator:
         """(N, C, h, w) latents at ``sigma`` with image indices ``rows`` (N,) -> (N, C, h, w) float32."""
         size = latents.shape[0] if self.max_batch is None else self.max_batch
         outputs = []
-        for chunk, chunk_rows in zip(latents.split(size), rows.split(size)):
+        for chunk, chunk_rows in zip(latents.split(size), rows.split(size), strict=True):
             velocity = self.velocity_fn(chunk, sigma, chunk_rows)
             if velocity.shape != chunk.shape:
                 raise ValueError(f"velocity_fn returned {tuple(velocity.shape)} for latents {tuple(chunk.shape)}")
