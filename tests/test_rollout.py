@@ -215,6 +215,15 @@ def test_sample_window_start_errors(num_steps, size, window_range, match):
         sample_window_start(num_steps, size, window_range)
 
 
+
+def rollout_arguments(steps: int, window: int, change: dict) -> dict:
+    """A toy rollout's arguments over ``steps`` shifted steps, a ``window`` from step 1, with ``change`` applied."""
+    arguments = dict(
+        velocity_fn=ToyVelocity(), initial_latents=initial_latents(), sigmas=shifted_sigmas(steps), window_start=1,
+        window_size=window, noise_level=0.7,
+    )
+    return {**arguments, **change}
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -228,13 +237,8 @@ def test_sample_window_start_errors(num_steps, size, window_range, match):
     ],
 )
 def test_rollout_rejects_bad_arguments(change, match):
-    kwargs = dict(
-        velocity_fn=ToyVelocity(), initial_latents=initial_latents(), sigmas=shifted_sigmas(5), window_start=1,
-        window_size=2, noise_level=0.7,
-    )
-    kwargs.update(change)
     with pytest.raises(ValueError, match=match):
-        rollout(**kwargs)
+        rollout(**rollout_arguments(5, 2, change))
 
 
 def test_ode_sample_is_the_euler_loop():
@@ -336,13 +340,8 @@ def test_minimum_nfe_refuses_zero_steps():
 )
 @pytest.mark.parametrize("implementation", [rollout_sequential, rollout])
 def test_rollouts_reject_bad_sigmas_and_windows(implementation, change, message):
-    kwargs = dict(
-        velocity_fn=ToyVelocity(), initial_latents=initial_latents(), sigmas=shifted_sigmas(3), window_start=1,
-        window_size=1, noise_level=0.7,
-    )
-    kwargs.update(change)
     with pytest.raises(ValueError, match=message):
-        implementation(**kwargs)
+        implementation(**rollout_arguments(3, 1, change))
 
 
 def test_both_implementations_record_their_settings_in_float32():
