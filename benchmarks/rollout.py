@@ -44,7 +44,7 @@ import torch
 import transformers
 from torch import Tensor
 
-from tpgrpo.memory import SD35_MEDIUM_TRANSFORMER
+from tpgrpo.families.sd3 import SD35_MEDIUM_TRANSFORMER
 from tpgrpo.families import FlowModel, PromptEmbeds, SD3Model
 from tpgrpo.settings import CreditConfig, SamplingConfig, UpdateConfig
 from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe

@@ -6,7 +6,6 @@ the embedding cache keeps masks, a saved folder is recognised, and a 2-step ``fi
 the CLI trains only the LoRA, whose export loads with the family's own ``load_lora_weights``."""
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch

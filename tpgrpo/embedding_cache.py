@@ -21,7 +21,6 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import safe_open
 from safetensors.torch import save_file

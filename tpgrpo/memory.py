@@ -2,7 +2,8 @@
 
 ``python -m tpgrpo.memory [--model NAME] [--world-size N] [--lora-rank R]`` prints a
 markdown table of GiB per rank for each weights precision (float32, bfloat16) and scale-out
-strategy (ddp, fsdp2). Every model is built on the meta device from the config below, so
+strategy (ddp, fsdp2). Every model is built on the meta device from its family's checkpoint
+(`tpgrpo.families.components.Checkpoint`), so
 nothing is downloaded and no memory is allocated; the counts are the real modules' counts.
 
 The figures are parameter (and buffer) bytes only: activations, the transient all-gathered
@@ -15,329 +16,27 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    AutoencoderKLFlux2,
-    AutoencoderKLQwenImage,
-    Flux2Transformer2DModel,
-    FluxTransformer2DModel,
-    QwenImageTransformer2DModel,
-    SD3Transformer2DModel,
-    ZImageTransformer2DModel,
-)
 from torch import nn
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    Mistral3Config,
-    Mistral3ForConditionalGeneration,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    Qwen3Model,
-    T5Config,
-    T5EncoderModel,
-)
 
 from tpgrpo.errors import UserInputError
+from tpgrpo.families import PIPELINE_FAMILIES
+from tpgrpo.families.components import Checkpoint, Component
 from tpgrpo.lora import DEFAULT_TARGET_MODULES
 from tpgrpo.settings import parse_dtype
 
-# ------------------------------------------------------------------ architecture configs
-# Only the fields that shape the modules are kept; a value left out is the class default,
-# which equals the hub file's value.
-
-# stabilityai/stable-diffusion-3.5-medium, transformer/config.json (SD3Transformer2DModel).
-# benchmarks/ builds its SD3.5-M-shaped transformers from this config.
-SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)),
-    "qk_norm": "rms_norm",
-}
-
-# stabilityai/stable-diffusion-3.5-large, transformer/config.json (SD3Transformer2DModel): the
-# Medium's block design, wider and deeper, without the dual-attention layers.
-SD35_LARGE_TRANSFORMER: dict[str, Any] = {
-    **SD35_MEDIUM_TRANSFORMER,
-    "num_layers": 38,
-    "num_attention_heads": 38,
-    "caption_projection_dim": 2432,
-    "pos_embed_max_size": 192,
-    "dual_attention_layers": (),
-}
-
-# stabilityai/stable-diffusion-3.5-medium, text_encoder/config.json (CLIPTextModelWithProjection,
-# OpenAI CLIP ViT-L/14's text tower). FLUX.1-dev's text_encoder/config.json is the same tower
-# as a CLIPTextModel (its projection_dim is unused there).
-CLIP_L_TEXT: dict[str, Any] = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-}
-
-# stabilityai/stable-diffusion-3.5-medium, text_encoder_2/config.json (CLIPTextModelWithProjection,
-# OpenCLIP ViT-bigG/14's text tower).
-CLIP_G_TEXT: dict[str, Any] = {
-    "hidden_size": 1280,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "intermediate_size": 5120,
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "projection_dim": 1280,
-    "hidden_act": "gelu",
-}
-
-# stabilityai/stable-diffusion-3.5-medium, text_encoder_3/config.json and black-forest-labs/FLUX.1-dev,
-# text_encoder_2/config.json (T5EncoderModel, the encoder of google/t5-v1_1-xxl).
-T5_XXL_ENCODER: dict[str, Any] = {
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "vocab_size": 32128,
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32,
-}
-
-# The 16-channel AutoencoderKL of both pipelines; their vae/config.json files differ only in the
-# latent scaling_factor / shift_factor, which shape no module.
-VAE_16_CHANNELS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 16,
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "act_fn": "silu",
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-# stabilityai/stable-diffusion-3.5-medium, vae/config.json (AutoencoderKL).
-SD35_MEDIUM_VAE: dict[str, Any] = {**VAE_16_CHANNELS, "scaling_factor": 1.5305, "shift_factor": 0.0609}
-# black-forest-labs/FLUX.1-dev, vae/config.json (AutoencoderKL).
-FLUX_DEV_VAE: dict[str, Any] = {**VAE_16_CHANNELS, "scaling_factor": 0.3611, "shift_factor": 0.1159}
-
-# black-forest-labs/FLUX.1-dev, transformer/config.json (FluxTransformer2DModel).
-FLUX_DEV_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
-
-# Qwen/Qwen-Image, transformer/config.json (QwenImageTransformer2DModel).
-QWEN_IMAGE_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 60,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 3584,
-    "guidance_embeds": False,
-    "axes_dims_rope": (16, 56, 56),
-}
-# Qwen/Qwen-Image, text_encoder/config.json (Qwen2_5_VLForConditionalGeneration: Qwen2.5-VL-7B-Instruct).
-QWEN25_VL_7B: dict[str, Any] = {
-    "text_config": {
-        "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False,
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    },
-    "vision_config": {
-        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
-        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-    },
-    "vocab_size": 152064,
-    "tie_word_embeddings": False,
-}
-# Qwen/Qwen-Image, vae/config.json (AutoencoderKLQwenImage): the class defaults.
-QWEN_IMAGE_VAE: dict[str, Any] = {}
-
-# black-forest-labs/FLUX.2-klein-base-4B (and FLUX.2-klein-4B), transformer/config.json (Flux2Transformer2DModel).
-FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 128,
-    "num_layers": 5,
-    "num_single_layers": 20,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 7680,
-    "timestep_guidance_channels": 256,
-    "mlp_ratio": 3.0,
-    "axes_dims_rope": (32, 32, 32, 32),
-    "rope_theta": 2000,
-    "guidance_embeds": False,
-}
-# The Qwen3-4B text encoder of FLUX.2 [klein] 4B (Qwen3ForCausalLM) and of Z-Image (Qwen3Model):
-# text_encoder/config.json of both.
-QWEN3_4B: dict[str, Any] = {
-    "vocab_size": 151936,
-    "hidden_size": 2560,
-    "intermediate_size": 9728,
-    "num_hidden_layers": 36,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "tie_word_embeddings": True,
-}
-# black-forest-labs/FLUX.2-klein-base-4B, vae/config.json (AutoencoderKLFlux2): the class defaults.
-FLUX2_VAE: dict[str, Any] = {}
-
-# black-forest-labs/FLUX.2-dev, transformer/config.json (Flux2Transformer2DModel): the class defaults.
-FLUX2_DEV_TRANSFORMER: dict[str, Any] = {
-    **FLUX2_KLEIN_4B_TRANSFORMER,
-    "num_layers": 8,
-    "num_single_layers": 48,
-    "num_attention_heads": 48,
-    "joint_attention_dim": 15360,
-    "guidance_embeds": True,
-}
-# black-forest-labs/FLUX.2-dev, text_encoder/config.json (Mistral3ForConditionalGeneration: Mistral Small 3.x 24B
-# with its Pixtral vision tower).
-MISTRAL_SMALL_3_24B: dict[str, Any] = {
-    "text_config": {
-        "model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 32768,
-        "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-        "tie_word_embeddings": False,
-    },
-    "vision_config": {
-        "model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-        "num_attention_heads": 16, "head_dim": 64, "patch_size": 14, "image_size": 1540,
-    },
-    "spatial_merge_size": 2,
-    "multimodal_projector_bias": False,
-    "tie_word_embeddings": False,
-}
-
-# Tongyi-MAI/Z-Image-Turbo (and Z-Image), transformer/config.json (ZImageTransformer2DModel).
-Z_IMAGE_TRANSFORMER: dict[str, Any] = {
-    "all_patch_size": (2,),
-    "all_f_patch_size": (1,),
-    "in_channels": 16,
-    "dim": 3840,
-    "n_layers": 30,
-    "n_refiner_layers": 2,
-    "n_heads": 30,
-    "n_kv_heads": 30,
-    "cap_feat_dim": 2560,
-    "rope_theta": 256.0,
-    "axes_dims": (32, 48, 48),
-    "axes_lens": (1536, 512, 512),
-}
-
-
-@dataclass(frozen=True)
-class Component:
-    """One pipeline component: its model class and config.
-
-    ``config_class``: the transformers configuration class the config dict builds (the model
-    is ``model_class(config_class(**config))``); None for a diffusers model
-    (``model_class.from_config(config)``).
-    """
-
-    model_class: type[nn.Module]
-    config: Mapping[str, Any]
-    config_class: type | None = None
-
-    def build_on_meta(self) -> nn.Module:
-        """The component with every tensor on the meta device: shapes, no storage."""
-        with torch.device("meta"):
-            if self.config_class is None:
-                return self.model_class.from_config(dict(self.config))
-            return self.model_class(self.config_class(**self.config))
-
-
 TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-# Components by the pipeline's attribute names.
-SD3_TEXT_ENCODERS: dict[str, Component] = {
-    "text_encoder": Component(CLIPTextModelWithProjection, CLIP_L_TEXT, CLIPTextConfig),
-    "text_encoder_2": Component(CLIPTextModelWithProjection, CLIP_G_TEXT, CLIPTextConfig),
-    "text_encoder_3": Component(T5EncoderModel, T5_XXL_ENCODER, T5Config),
+# every published checkpoint of every family (each class's own `checkpoints`), by name
+CHECKPOINTS: dict[str, tuple[type, Checkpoint]] = {
+    checkpoint.name: (cls, checkpoint)
+    for cls in PIPELINE_FAMILIES.values()
+    for checkpoint in cls.__dict__.get("checkpoints", ())
 }
-PIPELINES: dict[str, dict[str, Component]] = {
-    "sd3": {
-        "transformer": Component(SD3Transformer2DModel, SD35_MEDIUM_TRANSFORMER),
-        **SD3_TEXT_ENCODERS,
-        "vae": Component(AutoencoderKL, SD35_MEDIUM_VAE),
-    },
-    "sd35-large": {  # the same text encoders and VAE as the Medium
-        "transformer": Component(SD3Transformer2DModel, SD35_LARGE_TRANSFORMER),
-        **SD3_TEXT_ENCODERS,
-        "vae": Component(AutoencoderKL, SD35_MEDIUM_VAE),
-    },
-    "flux": {
-        "transformer": Component(FluxTransformer2DModel, FLUX_DEV_TRANSFORMER),
-        "text_encoder": Component(CLIPTextModel, CLIP_L_TEXT, CLIPTextConfig),
-        "text_encoder_2": Component(T5EncoderModel, T5_XXL_ENCODER, T5Config),
-        "vae": Component(AutoencoderKL, FLUX_DEV_VAE),
-    },
-    "qwenimage": {
-        "transformer": Component(QwenImageTransformer2DModel, QWEN_IMAGE_TRANSFORMER),
-        "text_encoder": Component(Qwen2_5_VLForConditionalGeneration, QWEN25_VL_7B, Qwen2_5_VLConfig),
-        "vae": Component(AutoencoderKLQwenImage, QWEN_IMAGE_VAE),
-    },
-    "flux2-klein-4b": {
-        "transformer": Component(Flux2Transformer2DModel, FLUX2_KLEIN_4B_TRANSFORMER),
-        "text_encoder": Component(Qwen3ForCausalLM, QWEN3_4B, Qwen3Config),
-        "vae": Component(AutoencoderKLFlux2, FLUX2_VAE),
-    },
-    "flux2-dev": {
-        "transformer": Component(Flux2Transformer2DModel, FLUX2_DEV_TRANSFORMER),
-        "text_encoder": Component(Mistral3ForConditionalGeneration, MISTRAL_SMALL_3_24B, Mistral3Config),
-        "vae": Component(AutoencoderKLFlux2, FLUX2_VAE),
-    },
-    "zimage": {  # FLUX.1's 16-channel VAE
-        "transformer": Component(ZImageTransformer2DModel, Z_IMAGE_TRANSFORMER),
-        "text_encoder": Component(Qwen3Model, QWEN3_4B, Qwen3Config),
-        "vae": Component(AutoencoderKL, FLUX_DEV_VAE),
-    },
-}
-HUB_REPOS: dict[str, str] = {
-    "sd3": "stabilityai/stable-diffusion-3.5-medium",
-    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
-    "flux": "black-forest-labs/FLUX.1-dev",
-    "qwenimage": "Qwen/Qwen-Image",
-    "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-base-4B",
-    "flux2-dev": "black-forest-labs/FLUX.2-dev",
-    "zimage": "Tongyi-MAI/Z-Image-Turbo",
-}
-MODEL_FAMILIES: dict[str, str] = {  # for the LoRA targets
-    "sd3": "sd3", "sd35-large": "sd3", "flux": "flux", "qwenimage": "qwenimage", "flux2-klein-4b": "flux2",
-    "flux2-dev": "flux2-dev", "zimage": "zimage",
-}
+PIPELINES: dict[str, Mapping[str, Component]] = {name: c.components for name, (_, c) in CHECKPOINTS.items()}
+HUB_REPOS: dict[str, str] = {name: c.hub_id for name, (_, c) in CHECKPOINTS.items()}
+MODEL_FAMILIES: dict[str, str] = {name: cls.family for name, (cls, _) in CHECKPOINTS.items()}  # for the LoRA targets
+FAMILY_TITLES: dict[str, str] = {name: c.title for name, (_, c) in CHECKPOINTS.items()}
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
 LORA_BYTES_PER_VALUE = 4  # LoRA weights, their gradients and AdamW's moments are float32
 ADAM_STATES_PER_WEIGHT = 2  # exp_avg and exp_avg_sq
@@ -478,11 +177,6 @@ def memory_table(
 
 
 WEIGHTS_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
-FAMILY_TITLES: dict[str, str] = {
-    "sd3": "Stable Diffusion 3.5 Medium", "sd35-large": "Stable Diffusion 3.5 Large", "flux": "FLUX.1-dev",
-    "qwenimage": "Qwen-Image", "flux2-klein-4b": "FLUX.2 [klein] 4B",
-    "flux2-dev": "FLUX.2 [dev]", "zimage": "Z-Image-Turbo",
-}
 
 
 def _gib(value: int) -> str:

@@ -1,7 +1,8 @@
 """Model families: one file each, one `FlowModel` subclass per diffusers pipeline (see `base.py`).
 
-Adding a family: a file here with a `FlowModel` subclass decorated by `register_family`, its name
-in `loading.FAMILY_MODULES`, a config, and a tiny stand-in in the test helpers.
+Adding a family: a file here with a `FlowModel` subclass decorated by `register_family` (its
+pipeline class, LoRA targets and published checkpoints for the memory tables), its name in
+`loading.FAMILY_MODULES`, a config, and a tiny stand-in in the test helpers.
 """
 from tpgrpo.families.base import (
     ATTENTION_PROJECTIONS,

@@ -1,10 +1,31 @@
 """FLUX.1 (`FluxPipeline`)."""
 from __future__ import annotations
 
-import torch
-from diffusers import FluxPipeline
+from typing import Any
 
-from tpgrpo.families.base import FlowModel, linear_sigmas, pack_2x2, PromptEmbeds, register_family, unpack_2x2
+import torch
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from tpgrpo.families.base import FlowModel, PromptEmbeds, linear_sigmas, pack_2x2, register_family, unpack_2x2
+from tpgrpo.families.components import CLIP_L_TEXT, T5_XXL_ENCODER, VAE_16_CHANNELS, Checkpoint, Component
+
+
+# black-forest-labs/FLUX.1-dev, vae/config.json (AutoencoderKL).
+FLUX_DEV_VAE: dict[str, Any] = {**VAE_16_CHANNELS, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+# black-forest-labs/FLUX.1-dev, transformer/config.json (FluxTransformer2DModel).
+FLUX_DEV_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
 
 
 @register_family
@@ -16,6 +37,14 @@ class FluxModel(FlowModel):
     inside `velocity`.
     """
 
+    checkpoints = (
+        Checkpoint("flux", "FLUX.1-dev", "black-forest-labs/FLUX.1-dev", {
+            "transformer": Component(FluxTransformer2DModel, FLUX_DEV_TRANSFORMER),
+            "text_encoder": Component(CLIPTextModel, CLIP_L_TEXT, CLIPTextConfig),
+            "text_encoder_2": Component(T5EncoderModel, T5_XXL_ENCODER, T5Config),
+            "vae": Component(AutoencoderKL, FLUX_DEV_VAE),
+        }),
+    )
     family = "flux"
     pipeline_class = FluxPipeline
     default_max_sequence_length = 512

@@ -1,12 +1,68 @@
 """FLUX.2 [klein] (`Flux2KleinPipeline`) and FLUX.2 [dev] (`Flux2Pipeline`)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from diffusers import Flux2KleinPipeline, Flux2Pipeline
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
 from tpgrpo.errors import UserInputError
-from tpgrpo.families.base import ATTENTION_PROJECTIONS, FlowModel, guided_velocity, linear_sigmas, PromptEmbeds, register_family, Resolution
+from tpgrpo.families.base import (
+    ATTENTION_PROJECTIONS,
+    FlowModel,
+    PromptEmbeds,
+    Resolution,
+    guided_velocity,
+    linear_sigmas,
+    register_family,
+)
+from tpgrpo.families.components import QWEN3_4B, Checkpoint, Component
+
+
+# black-forest-labs/FLUX.2-klein-base-4B (and FLUX.2-klein-4B), transformer/config.json (Flux2Transformer2DModel).
+FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 7680,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32),
+    "rope_theta": 2000,
+    "guidance_embeds": False,
+}
+# black-forest-labs/FLUX.2-klein-base-4B, vae/config.json (AutoencoderKLFlux2): the class defaults.
+FLUX2_VAE: dict[str, Any] = {}
+# black-forest-labs/FLUX.2-dev, transformer/config.json (Flux2Transformer2DModel): the class defaults.
+FLUX2_DEV_TRANSFORMER: dict[str, Any] = {
+    **FLUX2_KLEIN_4B_TRANSFORMER,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,
+    "guidance_embeds": True,
+}
+# black-forest-labs/FLUX.2-dev, text_encoder/config.json (Mistral3ForConditionalGeneration: Mistral Small 3.x 24B
+# with its Pixtral vision tower).
+MISTRAL_SMALL_3_24B: dict[str, Any] = {
+    "text_config": {
+        "model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 32768,
+        "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "head_dim": 64, "patch_size": 14, "image_size": 1540,
+    },
+    "spatial_merge_size": 2,
+    "multimodal_projector_bias": False,
+    "tie_word_embeddings": False,
+}
 
 
 @register_family
@@ -22,6 +78,13 @@ class Flux2Model(FlowModel):
     sigma schedule's shift depends on the image size and the number of steps (FLUX.2's rule).
     """
 
+    checkpoints = (
+        Checkpoint("flux2-klein-4b", "FLUX.2 [klein] 4B", "black-forest-labs/FLUX.2-klein-base-4B", {
+            "transformer": Component(Flux2Transformer2DModel, FLUX2_KLEIN_4B_TRANSFORMER),
+            "text_encoder": Component(Qwen3ForCausalLM, QWEN3_4B, Qwen3Config),
+            "vae": Component(AutoencoderKLFlux2, FLUX2_VAE),
+        }),
+    )
     family = "flux2"
     # the single blocks fuse q, k, v and the MLP input into one projection
     lora_targets = (*ATTENTION_PROJECTIONS, "attn.to_qkv_mlp_proj")
@@ -92,6 +155,13 @@ class Flux2DevModel(Flux2Model):
     must be None.
     """
 
+    checkpoints = (
+        Checkpoint("flux2-dev", "FLUX.2 [dev]", "black-forest-labs/FLUX.2-dev", {
+            "transformer": Component(Flux2Transformer2DModel, FLUX2_DEV_TRANSFORMER),
+            "text_encoder": Component(Mistral3ForConditionalGeneration, MISTRAL_SMALL_3_24B, Mistral3Config),
+            "vae": Component(AutoencoderKLFlux2, FLUX2_VAE),
+        }),
+    )
     family = "flux2-dev"
     pipeline_class = Flux2Pipeline
 

@@ -1,10 +1,45 @@
 """Qwen-Image (`QwenImagePipeline`)."""
 from __future__ import annotations
 
-import torch
-from diffusers import QwenImagePipeline
+from typing import Any
 
-from tpgrpo.families.base import FlowModel, linear_sigmas, pack_2x2, PromptEmbeds, register_family, unpack_2x2
+import torch
+from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from tpgrpo.families.base import FlowModel, PromptEmbeds, linear_sigmas, pack_2x2, register_family, unpack_2x2
+from tpgrpo.families.components import Checkpoint, Component
+
+
+# Qwen/Qwen-Image, transformer/config.json (QwenImageTransformer2DModel).
+QWEN_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+# Qwen/Qwen-Image, text_encoder/config.json (Qwen2_5_VLForConditionalGeneration: Qwen2.5-VL-7B-Instruct).
+QWEN25_VL_7B: dict[str, Any] = {
+    "text_config": {
+        "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    },
+    "vision_config": {
+        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    },
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}
+# Qwen/Qwen-Image, vae/config.json (AutoencoderKLQwenImage): the class defaults.
+QWEN_IMAGE_VAE: dict[str, Any] = {}
 
 
 @register_family
@@ -17,6 +52,13 @@ class QwenImageModel(FlowModel):
     as the pipeline does. Sigmas shift with the image size.
     """
 
+    checkpoints = (
+        Checkpoint("qwenimage", "Qwen-Image", "Qwen/Qwen-Image", {
+            "transformer": Component(QwenImageTransformer2DModel, QWEN_IMAGE_TRANSFORMER),
+            "text_encoder": Component(Qwen2_5_VLForConditionalGeneration, QWEN25_VL_7B, Qwen2_5_VLConfig),
+            "vae": Component(AutoencoderKLQwenImage, QWEN_IMAGE_VAE),
+        }),
+    )
     family = "qwenimage"
     pipeline_class = QwenImagePipeline
     default_max_sequence_length = 512

@@ -1,10 +1,32 @@
 """Z-Image (`ZImagePipeline`)."""
 from __future__ import annotations
 
-import torch
-from diffusers import ZImagePipeline
+from typing import Any
 
-from tpgrpo.families.base import FlowModel, guided_velocity, linear_sigmas, PromptEmbeds, register_family
+import torch
+from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
+from transformers import Qwen3Config, Qwen3Model
+
+from tpgrpo.families.base import FlowModel, PromptEmbeds, guided_velocity, linear_sigmas, register_family
+from tpgrpo.families.components import QWEN3_4B, Checkpoint, Component
+from tpgrpo.families.flux import FLUX_DEV_VAE
+
+
+# Tongyi-MAI/Z-Image-Turbo (and Z-Image), transformer/config.json (ZImageTransformer2DModel).
+Z_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "cap_feat_dim": 2560,
+    "rope_theta": 256.0,
+    "axes_dims": (32, 48, 48),
+    "axes_lens": (1536, 512, 512),
+}
 
 
 @register_family
@@ -18,6 +40,13 @@ class ZImageModel(FlowModel):
     (1 disables it; Z-Image-Turbo takes none).
     """
 
+    checkpoints = (
+        Checkpoint("zimage", "Z-Image-Turbo", "Tongyi-MAI/Z-Image-Turbo", {  # FLUX.1's 16-channel VAE
+            "transformer": Component(ZImageTransformer2DModel, Z_IMAGE_TRANSFORMER),
+            "text_encoder": Component(Qwen3Model, QWEN3_4B, Qwen3Config),
+            "vae": Component(AutoencoderKL, FLUX_DEV_VAE),
+        }),
+    )
     family = "zimage"
     # single-stream: one attention per block (refiners included), text and image together
     lora_targets = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
