@@ -454,3 +454,20 @@ def test_outcome_rule_takes_final_rewards_with_the_window_size():
     torch.testing.assert_close(step_rewards("outcome", final, num_steps=3), torch.tensor([[0.5] * 3, [-1.0] * 3]))
     with pytest.raises(ValueError, match="does not match"):
         step_rewards("outcome", torch.zeros(2, 3), num_steps=4)
+
+
+def test_each_credit_rule_declares_what_it_needs_and_returns_its_turning_points():
+    import inspect
+
+    import tpgrpo.step
+    from tpgrpo.credit import CREDITS
+
+    tp, outcome = CREDITS["tp"], CREDITS["outcome"]
+    assert tp.needs_branches and tp.options == ("eta", "balance", "balance_chunk")
+    assert not outcome.needs_branches and outcome.options == ("num_steps",)
+    # one rising row with a turning point at step 0 (d_0 = 1 and R_2 - R_1 = 1 share a sign)
+    per_step, kept = tp.assign(rows([0, 1, 2]), eta=0.5)
+    assert kept.tolist() == [[True, False]] and per_step.tolist() == [[1.0, 1.0]]  # 0.5·(2 - 0), then d_1
+    per_step, kept = outcome.assign(rows([2.0]), num_steps=3)  # without branches: the final reward only
+    assert kept is None and per_step.tolist() == [[2.0, 2.0, 2.0]]
+    assert '"tp"' not in inspect.getsource(tpgrpo.step)  # the step asks the rule, never its name

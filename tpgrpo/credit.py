@@ -10,19 +10,42 @@ discrete rewards (GenEval, OCR) are handled exactly.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-CREDITS: dict[str, Callable[..., Tensor]] = {}
+Assignment = tuple[Tensor, "Tensor | None"]  # step rewards (B, W) and the kept turning points, bool (B, W), or None
 
 
-def register_credit(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Decorator: make a credit rule ``f(rewards (B, W+1), **options) -> (B, W)`` selectable by name."""
+@dataclass(frozen=True)
+class CreditRule:
+    """A credit rule selectable by name (``credit.method``).
 
-    def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        CREDITS[name] = fn
+    ``assign(rewards, **options)`` gives the step rewards (B, W) and the turning points that got the
+    long-term reward (bool (B, W); None for a rule without them). ``needs_branches``: the rule reads
+    ``R_1 … R_{W-1}``, so rollouts complete a branch after every SDE step; without them ``rewards``
+    is (B, 1), the final rewards. ``options``: the keyword options ``assign`` takes, by the names of
+    ``credit.*`` settings (and ``num_steps``, the window size).
+    """
+
+    name: str
+    assign: Callable[..., Assignment]
+    needs_branches: bool
+    options: tuple[str, ...]
+
+
+CREDITS: dict[str, CreditRule] = {}
+
+
+def register_credit(
+    name: str, needs_branches: bool, options: Sequence[str] = ()
+) -> Callable[[Callable[..., Assignment]], Callable[..., Assignment]]:
+    """Decorator: make ``assign(rewards, **options) -> (step rewards, kept turning points)`` the rule ``name``."""
+
+    def add(fn: Callable[..., Assignment]) -> Callable[..., Assignment]:
+        CREDITS[name] = CreditRule(name, fn, needs_branches, tuple(options))
         return fn
 
     return add
@@ -117,17 +140,24 @@ def turning_points(rewards: Tensor, balance: bool = True, balance_chunk: int | N
     return torch.cat(parts)
 
 
-@register_credit("tp")
-def turning_point_rewards(
+@register_credit("tp", needs_branches=True, options=("eta", "balance", "balance_chunk"))
+def turning_point_credit(
     rewards: Tensor, eta: float = 1.0, balance: bool = True, balance_chunk: int | None = None
-) -> Tensor:
-    """TP-GRPO per-step rewards (spec §3): (B, W+1) -> (B, W).
+) -> Assignment:
+    """TP-GRPO per-step rewards (spec §3), (B, W+1) -> (B, W), and the kept turning points (B, W).
 
     ``r_t = η·(R_W - R_t)`` at kept turning points (see `turning_points`), ``d_t`` elsewhere.
     """
     kept = turning_points(rewards, balance=balance, balance_chunk=balance_chunk)
     long_term = eta * (rewards[:, -1:] - rewards[:, :-1])
-    return torch.where(kept, long_term, incremental_rewards(rewards))
+    return torch.where(kept, long_term, incremental_rewards(rewards)), kept
+
+
+def turning_point_rewards(
+    rewards: Tensor, eta: float = 1.0, balance: bool = True, balance_chunk: int | None = None
+) -> Tensor:
+    """The step rewards of `turning_point_credit`: (B, W+1) -> (B, W)."""
+    return turning_point_credit(rewards, eta, balance, balance_chunk)[0]
 
 
 def outcome_rewards(final_rewards: Tensor, num_steps: int) -> Tensor:
@@ -139,7 +169,12 @@ def outcome_rewards(final_rewards: Tensor, num_steps: int) -> Tensor:
     return final_rewards[:, None].expand(-1, num_steps).clone()
 
 
-@register_credit("outcome")
+@register_credit("outcome", needs_branches=False, options=("num_steps",))
+def _outcome_credit(rewards: Tensor, num_steps: int | None = None) -> Assignment:
+    """Flow-GRPO credit (`_outcome_from_sequence`); it has no turning points."""
+    return _outcome_from_sequence(rewards, num_steps), None
+
+
 def _outcome_from_sequence(rewards: Tensor, num_steps: int | None = None) -> Tensor:
     """Outcome credit on a reward sequence: (B, W+1) -> (B, W), every step gets R_W.
 
@@ -158,7 +193,7 @@ def step_rewards(credit: str, rewards: Tensor, **options) -> Tensor:
     """Per-step rewards (B, W) of the credit rule named ``credit`` ("tp" or "outcome")."""
     if credit not in CREDITS:
         raise ValueError(f"unknown credit {credit!r}; choose one of {sorted(CREDITS)}")
-    return CREDITS[credit](rewards, **options)
+    return CREDITS[credit].assign(rewards, **options)[0]
 
 
 def group_advantages(

@@ -220,10 +220,12 @@ class GRPOStep:
         order = credit_rules.round_robin_order(group_ids) if credit.balance_scope == "minibatch" else None
         if order is not None:
             rows = rows[order]
-        balance = {"balance": credit.balance, "balance_chunk": credit.balance_minibatch}
-        options = {"eta": credit.eta, **balance} if credit.method == "tp" else {"num_steps": self.sampling.window_size}
-        per_step = credit_rules.step_rewards(credit.method, rows, **options)
-        kept = credit_rules.turning_points(rows, **balance) if credit.method == "tp" else None
+        rule = credit_rules.CREDITS[credit.method]
+        settings = {
+            "eta": credit.eta, "balance": credit.balance, "balance_chunk": credit.balance_minibatch,
+            "num_steps": self.sampling.window_size,
+        }
+        per_step, kept = rule.assign(rows, **{name: settings[name] for name in rule.options})
         if order is not None:
             restore = torch.argsort(order)
             per_step, kept = per_step[restore], kept[restore] if kept is not None else None
@@ -268,7 +270,7 @@ class GRPOStep:
                 sampling.window_size,
                 sampling.noise_level,
                 kind=sampling.step_kind,
-                branches=self.credit.method == "tp",
+                branches=credit_rules.CREDITS[self.credit.method].needs_branches,
                 step_noise=step_noise,
                 branch_steps=self.credit.branch_steps,
                 max_batch=sampling.rollout_max_batch,
