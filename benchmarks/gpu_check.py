@@ -9,8 +9,8 @@ On one large GPU (the budget is 8 minutes) it records, into ``benchmarks/results
    with `torch.utils.flop_counter` on one transformer evaluation;
 2. the same TP-GRPO step with ``model.compute.compile`` (one warm-up batch compiles);
 3. single-device smoke runs of ``--trainer.strategy fsdp`` (FSDP1) and ``fsdp2`` on the shipped model;
-4. a 2-step fit of each newer family's config (Qwen-Image, FLUX.2 [klein] and [dev], Z-Image: bf16
-   weights, bf16-mixed, the config's strategy) on the tiny random stand-in of its real classes.
+4. a 2-step fit of each other family's config (FLUX.1, Qwen-Image, FLUX.2 [klein] and [dev], Z-Image:
+   bf16 weights, bf16-mixed, the config's strategy) on the tiny random stand-in of its real classes.
 
 ``--cpu`` is a reduced mode for the test suite (1 layer, 32 px, 2 images, no compile, Z-Image's
 stand-in only) so the script cannot rot; its figures mean nothing.
@@ -36,13 +36,6 @@ from benchmarks import step as step_benchmark  # noqa: E402
 from benchmarks.rollout import machine, sd35_medium_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_check.json"
-# the newer families: config and the builder of the tiny stand-in in tests/helpers/tiny_models.py
-FAMILY_STAND_INS = {
-    "qwenimage": ("configs/qwenimage.yaml", "tiny_qwenimage_pipeline"),
-    "flux2": ("configs/flux2_klein.yaml", "tiny_flux2_klein_pipeline"),
-    "flux2-dev": ("configs/flux2_dev.yaml", "tiny_flux2_dev_pipeline"),
-    "zimage": ("configs/zimage.yaml", "tiny_zimage_pipeline"),
-}
 # dense bf16 tensor-core peaks (FLOP/s) by name fragment, from the vendors' data sheets
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
@@ -110,10 +103,10 @@ def family_smoke(family: str, work: Path, device: str) -> dict:
     offline tests use: 32 px, 3 steps, 2 images, one device."""
     from tests.helpers import tiny_models
 
-    config, build = FAMILY_STAND_INS[family]
+    config, build = tiny_models.STAND_INS[family]
     max_sequence_length = tiny_models.SEQUENCE_LENGTHS[family]
     folder = work / family / "model"
-    getattr(tiny_models, build)().save_pretrained(folder)
+    build().save_pretrained(folder)
     prompts = work / family / "prompts.txt"
     prompts.write_text("a photo of a dog\na red cat on a bench\n")
     arguments = [
@@ -185,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         out["compile_speedup"] = runs["tp_eager"]["seconds"] / runs["tp_compiled"]["seconds"]
     out["flops_per_evaluation"] = per_evaluation
     out["strategies"] = {s: smoke(s, bench.work, device) for s in ("fsdp", "fsdp2") if within_budget(f"strategy {s}")}
-    families = ["zimage"] if args.cpu else list(FAMILY_STAND_INS)  # on a CPU one shows the code still runs
+    from tests.helpers.tiny_models import STAND_INS
+
+    families = ["zimage"] if args.cpu else list(STAND_INS)  # on a CPU one shows the code still runs
     out["families"] = {f: family_smoke(f, bench.work, device) for f in families if within_budget(f"family {f}")}
     out["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import torch
 from tests.helpers.sampling import euler_sample
 from tests.helpers.tiny_models import (
     SEQUENCE_LENGTHS,
+    STAND_INS,
     processor_wrapped,
     tiny_flux2_dev_pipeline,
     tiny_flux_pipeline,
@@ -227,15 +228,13 @@ SHORT = ["--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--mo
          "--model.sampling.rollout_max_batch=8", "--model.lora.rank=2", "--model.lora.alpha=4",
          # float32 on one CPU process, so the exported LoRA can be compared exactly
          "--model.weights_dtype=float32", "--trainer.precision=32-true", "--trainer.accelerator=cpu"]
-CONFIGS = {"qwenimage": "configs/qwenimage.yaml", "flux2": "configs/flux2_klein.yaml",
-           "flux2-dev": "configs/flux2_dev.yaml", "zimage": "configs/zimage.yaml", "flux": "configs/flux.yaml"}
 # FLUX.1 too: its config adapts the feed-forward layers as well, which its pipeline's loader must read
-FIT_FAMILIES = {**BY_NAME, "flux": Family("flux", tiny_flux_pipeline, FluxModel, 6, blocks=2)}
+FIT_FAMILIES = {**BY_NAME, "flux": Family("flux", tiny_flux_pipeline, FluxModel, SEQUENCE_LENGTHS["flux"], blocks=2)}
 
 
 def test_every_registered_family_has_a_tiny_stand_in_here():
     """Adding a family to tpgrpo.families means adding its stand-in to these tests (SD3's is the shipped model's kind)."""
-    assert set(FIT_FAMILIES) | {"sd3"} == {cls.family for cls in PIPELINE_FAMILIES.values()}
+    assert set(FIT_FAMILIES) | {"sd3"} == {cls.family for cls in PIPELINE_FAMILIES.values()} == set(STAND_INS) | {"sd3"}
     for family in FIT_FAMILIES.values():
         assert PIPELINE_FAMILIES[type(family.build()).__name__] is family.model_class
 
@@ -256,7 +255,7 @@ def test_fit_trains_only_lora_and_the_export_loads_with_the_pipelines_own_loader
     family.build().save_pretrained(folder)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a dog\na red cat on a bench\n")
-    args = ["--config", CONFIGS[name], f"--model.pretrained_path={folder}",
+    args = ["--config", STAND_INS[name][0], f"--model.pretrained_path={folder}",
             f"--model.max_sequence_length={family.max_sequence_length}", f"--data.train_prompts={prompts}",
             "--data.test_prompts=null", *SHORT, f"--model.prompt_cache.folder={tmp_path / 'embeddings'}",
             f"--trainer.strategy={strategy}", f"--trainer.default_root_dir={tmp_path}",

@@ -136,7 +136,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img
 
 # the max_sequence_length each newer family's stand-in runs with: its byte-level tokenizer spends a token
 # per character of the chat template (FLUX.2 [dev]'s holds a 168-character system message)
-SEQUENCE_LENGTHS = {"qwenimage": 200, "flux2": 96, "flux2-dev": 256, "zimage": 96}
+SEQUENCE_LENGTHS = {"flux": 6, "qwenimage": 200, "flux2": 96, "flux2-dev": 256, "zimage": 96}
 
 
 def tiny_tokenizer(special_tokens=SPECIAL_TOKENS):
@@ -302,3 +302,13 @@ def save_tiny_got_ocr2(path):
     GotOcr2ForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# each real-model family's config and the builder of its tiny stand-in (the family tests and the GPU check)
+STAND_INS = {
+    "flux": ("configs/flux.yaml", tiny_flux_pipeline),
+    "qwenimage": ("configs/qwenimage.yaml", tiny_qwenimage_pipeline),
+    "flux2": ("configs/flux2_klein.yaml", tiny_flux2_klein_pipeline),
+    "flux2-dev": ("configs/flux2_dev.yaml", tiny_flux2_dev_pipeline),
+    "zimage": ("configs/zimage.yaml", tiny_zimage_pipeline),
+}
