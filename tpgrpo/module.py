@@ -163,7 +163,7 @@ class TPGRPOModule(LightningModule):
         set_attention_backend(self.transformer, self.compute.attention_backend)
         self._compiled = False
         self.pretrained_path = pretrained_path
-        self.reward = build_rewards(rewards)
+        self.reward = build_rewards(self.reward_specs)
         # built at the first evaluation and kept out of the module tree: no accelerator memory while
         # training only, no sharding, nothing in checkpoints
         self._eval_reward: list = []

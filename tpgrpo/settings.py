@@ -473,9 +473,8 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[str(name)]
 
 
-def build_rewards(rewards: Mapping[str, Any] | None):
-    """The weighted reward (`tpgrpo.rewards.WeightedReward`) of a ``rewards`` setting."""
-    specs = parse_rewards(rewards)
+def build_rewards(specs: Sequence[RewardSpec]):
+    """The weighted reward (`tpgrpo.rewards.WeightedReward`) of the `parse_rewards` result ``specs``."""
     return _built({s.name: s.weight for s in specs}, {s.name: s.options for s in specs if s.options})
 
 
