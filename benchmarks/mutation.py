@@ -50,6 +50,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT))  # after the mutated copies, which go first
+from benchmarks.cpuinfo import cpu_model  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "mutation.json"
 SLOW_TESTS = ["tests/test_step.py"]
 # fast test files per target (those that import it, directly or through the rollout), then the slow stage
@@ -339,15 +342,11 @@ class Runner:
 
 # ------------------------------------------------------------------------------------- results
 def machine() -> dict:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = found.group(1).strip() if found else cpu
     import pytest
     import torch
 
     return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
         "pytest": pytest.__version__,
     }
 

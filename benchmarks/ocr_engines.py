@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import random
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +52,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cpuinfo import cpu_model  # noqa: E402
 from tpgrpo.prompts import ocr_texts  # noqa: E402
 from tpgrpo.rewards.base import RewardConfigError  # noqa: E402
 from tpgrpo.rewards.ocr import OcrReward, quoted_text, text_similarity  # noqa: E402
@@ -199,10 +199,8 @@ def tesseract_version() -> str | None:
 
 def machine() -> dict:
     """Where the numbers come from: CPU model and cores, library versions, date."""
-    cpuinfo = Path("/proc/cpuinfo")
-    found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.is_file() else None
     return {
-        "cpu": found.group(1).strip() if found else platform.processor() or "unknown",
+        "cpu": cpu_model(platform.processor() or "unknown"),
         "cpu_cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": package_version("onnxruntime") or package_version("onnxruntime-gpu"),

@@ -35,6 +35,7 @@ import datetime
 import json
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +51,9 @@ from tpgrpo.settings import CreditConfig, SamplingConfig, UpdateConfig
 from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
 from tpgrpo.step import GRPOStep
 
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the benchmarks package, also when run as a script
+from benchmarks.cpuinfo import cpu_model  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.json"
 SD35_TEXT_TOKENS = 333  # 77 CLIP tokens + 256 T5 tokens
 SD35_VAE_FACTOR = 8
@@ -57,7 +61,7 @@ SD3_SHIFT = 3.0
 
 
 def sd35_medium_config(layers: int, sample_size: int | None = None) -> dict:
-    """SD3.5-Medium's transformer config (`tpgrpo.memory`) cut to its first ``layers`` blocks."""
+    """SD3.5-Medium's transformer config (`tpgrpo.families.sd3`) cut to its first ``layers`` blocks."""
     config = dict(SD35_MEDIUM_TRANSFORMER, num_layers=layers)
     config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < layers)
     if sample_size is not None:
@@ -70,14 +74,9 @@ def sd35_medium_config(layers: int, sample_size: int | None = None) -> dict:
 
 def machine(device: torch.device) -> dict:
     """Where the numbers come from: CPU model or GPU name, library versions, date."""
-    cpu = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        cpu = found.group(1).strip() if found else cpu
     info = {
         "device": str(device),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
