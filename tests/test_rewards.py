@@ -213,6 +213,8 @@ def test_jpeg_noise_is_less_compressible_than_flat_images():
     assert sizes[2].item() == pytest.approx(encoded.tell() / 1000)
     with pytest.raises(RewardConfigError, match="jpeg_compressibility: quality must be in"):
         JpegCompressibility(quality=0)
+    with pytest.raises(RewardConfigError, match="kilobytes_per_unit > 0, got 95 and 0"):
+        JpegCompressibility(kilobytes_per_unit=0)  # not the default in disguise
 
 
 # ------------------------------------------------------------------------------------------- OCR

@@ -38,7 +38,8 @@ class JpegIncompressibility(Reward):
     def __init__(self, quality: int = 95, kilobytes_per_unit: float | None = None):
         super().__init__()
         self.quality = quality
-        self.kilobytes_per_unit = float(kilobytes_per_unit or self.default_kilobytes_per_unit)
+        unit = self.default_kilobytes_per_unit if kilobytes_per_unit is None else kilobytes_per_unit
+        self.kilobytes_per_unit = float(unit)
         if not 1 <= quality <= 100 or self.kilobytes_per_unit <= 0:
             raise RewardConfigError(
                 f"{self.name}: quality must be in [1, 100] and kilobytes_per_unit > 0, got {quality} and {kilobytes_per_unit}"
