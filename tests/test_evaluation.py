@@ -27,9 +27,10 @@ def test_summaries_come_from_the_rewards_over_all_ranks_images():
     nan = math.nan
     own = [{"geneval/counting": torch.tensor([1.0, nan]), "geneval/colors": torch.tensor([nan, 0.0]),
             "reward": torch.tensor([0.5, 0.25])}]
-    # the other rank's sum and count of each score, in the order they are reduced (keys sorted):
-    # colors 1 + 1 over two images, counting 0 over one, reward 0.75 over two
-    other_rank = iter([2.0, 2, 0.0, 1, 0.75, 2])
+    # the other rank's sum and count of each score GenEval's summary asks for, in the order of its
+    # tags: single_object and two_object none, counting 0 over one image, colors 1 + 1 over two,
+    # position and color_attr none (scores nobody asks for are never reduced)
+    other_rank = iter([0.0, 0, 0.0, 0, 0.0, 1, 2.0, 2, 0.0, 0, 0.0, 0])
     comm = Collectives(rank=0, world_size=2, sum=lambda value: value + next(other_rank))
     summary = evaluation.summarise_over_ranks(own, comm, stderr_keys=(), summarise=lambda m: geneval_summary("geneval", m))
     # counting: (1 + 0) / 2 = 0.5; colors: (0 + 1 + 1) / 3 = 2/3; overall: their mean

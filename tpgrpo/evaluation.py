@@ -73,17 +73,33 @@ def _gathered(batches: Sequence[dict[str, Tensor]], key: str, comm: Collectives)
     return comm.gather_rows(padded) if length else padded
 
 
-def means_over_ranks(batches: Sequence[dict[str, Tensor]], comm: Collectives) -> dict[str, float]:
-    """The mean over all ranks' images of every score (NaN, a check that does not apply, ignored;
-    NaN where no image has a value). Every rank must call this with the same scores (it sums)."""
-    keys = sorted(batches[0]) if batches else []
-    means = {}
-    for key in keys:
-        values = torch.cat([b[key] for b in batches if key in b]).float()
-        applicable = values[~values.isnan()]
-        total, count = comm.sum(float(applicable.sum())), comm.sum(float(applicable.numel()))
-        means[key] = total / count if count else math.nan
-    return means
+class MeansOverRanks(Mapping):
+    """The mean over all ranks' images of each score, computed when a key is asked for (NaN, a check
+    that does not apply, ignored; NaN where no image has a value).
+
+    Each first lookup of a key is a collective: every rank must ask for the same keys in the same
+    order, which rewards do, as their `tpgrpo.rewards.Reward.summarise` depends on their settings
+    only. A score a rank lacks (no real images in its batches) counts there as no images.
+    """
+
+    def __init__(self, batches: Sequence[dict[str, Tensor]], comm: Collectives):
+        self.batches, self.comm = batches, comm
+        self._means: dict[str, float] = {}
+
+    def __getitem__(self, key: str) -> float:
+        if key not in self._means:
+            parts = [b[key] for b in self.batches if key in b]
+            values = torch.cat(parts).float() if parts else torch.zeros(0)
+            applicable = values[~values.isnan()]
+            total, count = self.comm.sum(float(applicable.sum())), self.comm.sum(float(applicable.numel()))
+            self._means[key] = total / count if count else math.nan
+        return self._means[key]
+
+    def __iter__(self):
+        return iter(sorted({key for batch in self.batches for key in batch}))
+
+    def __len__(self) -> int:
+        return len({key for batch in self.batches for key in batch})
 
 
 def summarise_over_ranks(
@@ -93,7 +109,7 @@ def summarise_over_ranks(
     summarise: Callable[[Mapping[str, float]], dict[str, float]] | None = None,
 ) -> EvalSummary:
     """The standard error of the mean of each of ``stderr_keys`` over all ranks' images (0 with a
-    single image), and ``summarise`` of the means over all ranks of every score.
+    single image), and ``summarise`` of the means over all ranks of the scores (`MeansOverRanks`).
 
     ``batches``: this rank's per-image scores of each evaluation batch (each (M,), NaN where a
     check does not apply). Every rank must call this with the same keys (it gathers).
@@ -105,7 +121,7 @@ def summarise_over_ranks(
             _, stderr = mean_and_stderr(values)
             summary.stderrs[key] = 0.0 if math.isnan(stderr) else stderr
     if summarise is not None:
-        summary.summaries = summarise(means_over_ranks(batches, comm))
+        summary.summaries = summarise(MeansOverRanks(batches, comm))
     return summary
 
 
