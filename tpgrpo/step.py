@@ -209,8 +209,8 @@ class GRPOStep:
         Turning points are balanced over this rank's batch (spec §3), with ``balance_scope="global"``
         over all ranks' batches, with ``"minibatch"`` over each ``balance_minibatch`` images of this
         rank's batch taken one per prompt group in turn (`tpgrpo.credit.round_robin_order`);
-        ``global_std`` divides by the std of
-        all ranks' step rewards. Groups are never split over ranks (`tpgrpo.data.GroupSampler`).
+        ``global_std`` divides by the std of all ranks' step rewards. Groups are never split over
+        ranks (`tpgrpo.data.GroupSampler`).
         """
         credit, comm = self.credit, self.comm()
         own = slice(comm.rank * len(group_ids), (comm.rank + 1) * len(group_ids))
