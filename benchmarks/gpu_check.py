@@ -36,6 +36,7 @@ from benchmarks import step as step_benchmark  # noqa: E402
 from benchmarks.rollout import machine, sd35_medium_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_check.json"
+PARTS = ("steps", "strategies", "families")
 # dense bf16 tensor-core peaks (FLOP/s) by name fragment, from the vendors' data sheets
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", type=int, default=1, help="prompts per step (× 24 images)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; later parts are skipped past it")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (default: all)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     device = "cpu" if args.cpu else "cuda"
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"--sd3-prompts={args.prompts}", f"--sd3-group={group}",
         *(["--", "--model.sampling.num_steps=3", "--model.sampling.window_size=2", "--model.sampling.window_range=[0, 2]"] if args.cpu else []),
     ])
-    folder = step_benchmark.save_sd3_shaped(bench.work / "sd3_shaped", layers, resolution)
+    if "steps" in args.parts:  # building the full-size model takes minutes of CPU time
+        folder = step_benchmark.save_sd3_shaped(bench.work / "sd3_shaped", layers, resolution)
     if args.cpu:  # four prompts: building the embedding cache of all GenEval prompts is not what this checks
         prompts = bench.work / "prompts.txt"
         prompts.write_text("a photo of a cat\na photo of two dogs\na red car\na blue bench\n")
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("flow_grpo_eager", "outcome", (), 0),
         ("tp_compiled", "tp", ("--model.compute.compile=true",), 1),
     ):
+        if "steps" not in args.parts:
+            continue
         if name == "tp_compiled" and args.cpu:
             out["skipped"].append("tp_compiled: compiling takes minutes on a CPU (tests/test_acceleration.py covers it, slow)")
             continue
@@ -177,10 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "tp_eager" in runs and "tp_compiled" in runs:
         out["compile_speedup"] = runs["tp_eager"]["seconds"] / runs["tp_compiled"]["seconds"]
     out["flops_per_evaluation"] = per_evaluation
-    out["strategies"] = {s: smoke(s, bench.work, device) for s in ("fsdp", "fsdp2") if within_budget(f"strategy {s}")}
+    strategies = ("fsdp", "fsdp2") if "strategies" in args.parts else ()
+    out["strategies"] = {s: smoke(s, bench.work, device) for s in strategies if within_budget(f"strategy {s}")}
     from tests.helpers.tiny_models import STAND_INS
 
     families = ["zimage"] if args.cpu else list(STAND_INS)  # on a CPU one shows the code still runs
+    families = families if "families" in args.parts else []
     out["families"] = {f: family_smoke(f, bench.work, device) for f in families if within_budget(f"family {f}")}
     out["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,3 +35,11 @@ def test_step_flops_by_hand():
     assert step_flops(result, 10.0, 9, kl=True, checkpointing=True) == 4 * 55 * 10 + 4 * 9 * 10 * 5
     assert step_flops(result, 10.0, 9, kl=False, checkpointing=False) == 4 * 55 * 10 + 4 * 9 * 10 * 3
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("a CPU") is None
+
+
+def test_parts_run_alone(tmp_path):
+    from benchmarks.gpu_check import main
+
+    out = main(["--cpu", "--parts", "families", f"--out={tmp_path / 'check.json'}"])
+    assert out["runs"] == {} and out["strategies"] == {} and set(out["families"]) == {"zimage"}
+    assert out["families"]["zimage"]["returncode"] == 0, out["families"]["zimage"]["tail"]

@@ -265,3 +265,20 @@ def test_the_reward_package_never_imports_the_demo_world():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(name.startswith("tpgrpo.tiny") for name in names), f"{path.name} imports {names}"
+
+
+def test_color_map_stays_on_the_images_device():
+    # the meta device stands in for a GPU: a palette table left on the CPU cannot be indexed from it
+    from tpgrpo.rewards.shapes import color_map
+
+    colors = color_map(torch.rand(2, 3, 8, 8, device="meta"), chroma_threshold=0.3)
+    assert colors.device.type == "meta" and colors.shape == (2, 8, 8) and colors.dtype == torch.long
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scores_of_gpu_images_equal_those_on_the_cpu(random_records):
+    records = random_records[:8]
+    images = to_images(scenes.render_batch(records, np.random.default_rng(0), size=32))
+    on_gpu = score(records, images.cuda())
+    for key, value in score(records, images).items():
+        torch.testing.assert_close(on_gpu[key].cpu(), value, equal_nan=True)

@@ -81,10 +81,13 @@ def shard_transformer(transformer: nn.Module, mesh: Any, param_dtype: torch.dtyp
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    reduce_dtype = torch.float32 if param_dtype else None
+    # Only the root casts the transformer's inputs. A block that casts its own inputs sees other
+    # dtypes when gradient checkpointing recomputes it: torch < 2.13 skips the cast in recomputation.
+    block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in transformer_blocks(transformer):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(transformer, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    fully_shard(transformer, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -346,8 +346,10 @@ class TPGRPOModule(LightningModule):
         for t in range(collected.advantages.shape[1]):
             metrics[f"per_step/advantage_abs_mean_{t}"] = collected.advantages[:, t].abs().mean()
             metrics[f"per_step/step_reward_mean_{t}"] = collected.step_rewards[:, t].mean()
+        # on the module's device: NCCL reduces only GPU tensors
+        metrics = {key: value.to(self.device) for key, value in metrics.items()}
         self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=final.numel(), sync_dist=True)
-        self.log("reward", final.mean(), prog_bar=True, batch_size=final.numel(), sync_dist=True)
+        self.log("reward", metrics["train/reward_mean"], prog_bar=True, batch_size=final.numel(), sync_dist=True)
 
     # ------------------------------------------------------------------------------ evaluation
     def sample(self, prompts: Sequence[str], seeds: Tensor) -> Tensor:
@@ -369,7 +371,8 @@ class TPGRPOModule(LightningModule):
         for key, value in scores.items():
             applicable = value[~value.isnan()]  # NaN marks a check that does not apply to a prompt
             if applicable.numel():
-                self.log(f"{stage}/{key}", applicable.mean(), batch_size=applicable.numel(), sync_dist=True)
+                mean = applicable.mean().to(self.device)  # NCCL reduces only GPU tensors
+                self.log(f"{stage}/{key}", mean, batch_size=applicable.numel(), sync_dist=True)
         self._eval_scores.append(scores)
         return {"images": images, "prompts": prompts, "scores": scores}
 

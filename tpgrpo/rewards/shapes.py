@@ -142,7 +142,7 @@ def _hue_table() -> torch.Tensor:
 def color_map(images: torch.Tensor, chroma_threshold: float) -> torch.Tensor:
     """Palette index of each pixel, -1 for background: (B, 3, H, W) in [0, 1] -> long (B, H, W)."""
     h, chroma = hue(images.float())
-    nearest = _hue_table()[h.long().clamp(0, 359)]
+    nearest = _hue_table().to(h.device)[h.long().clamp(0, 359)]
     return torch.where(chroma >= chroma_threshold, nearest, -1)
 
 
