@@ -6,7 +6,7 @@ a config file, or a path in one, not found from the working directory is looked 
 
 Every setting of the model (`tpgrpo.module.TPGRPOModule`), the data
 (`tpgrpo.data.PromptDataModule`) and the Lightning Trainer is a config value; ``--print_config``
-shows them all and any can be overridden on the command line (``--model.credit.method outcome``).
+shows them all and any can be overridden on the command line (``--model.algorithm flow-grpo``).
 """
 from tpgrpo.cli import main
 

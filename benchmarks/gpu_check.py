@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = {}
     for name, method, extra, warmup in (
-        ("tp_eager", "tp", (), 0),
-        ("flow_grpo_eager", "outcome", (), 0),
-        ("tp_compiled", "tp", ("--model.compute.compile=true",), 1),
+        ("tp_eager", "tp-grpo", (), 0),
+        ("flow_grpo_eager", "flow-grpo", (), 0),
+        ("tp_compiled", "tp-grpo", ("--model.compute.compile=true",), 1),
     ):
         if "steps" not in args.parts:
             continue

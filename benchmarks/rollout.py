@@ -47,9 +47,9 @@ from torch import Tensor
 
 from tpgrpo.families.sd3 import SD35_MEDIUM_TRANSFORMER
 from tpgrpo.families import FlowModel, PromptEmbeds, SD3Model
-from tpgrpo.settings import CreditConfig, SamplingConfig, UpdateConfig
+from tpgrpo.settings import SamplingConfig, UpdateConfig
 from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
-from tpgrpo.step import GRPOStep
+from tpgrpo.algorithms import FlowAlgorithm
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # the benchmarks package, also when run as a script
 from benchmarks.cpuinfo import cpu_model  # noqa: E402
@@ -203,8 +203,8 @@ def load_tiny(device: torch.device) -> tuple[FlowModel, str]:
 
 
 def training_velocity(flow: FlowModel, cond: PromptEmbeds, guidance_scale: float, uncond: PromptEmbeds | None = None) -> VelocityFn:
-    """The velocity function training rolls out with (`tpgrpo.step.GRPOStep.velocity_fn`, CFG inside)."""
-    step = GRPOStep(flow, flow.transformer, reward=None, sampling=SamplingConfig(), credit=CreditConfig(), update=UpdateConfig())
+    """The velocity function training rolls out with (`tpgrpo.algorithms.FlowAlgorithm.velocity_fn`, CFG inside)."""
+    step = FlowAlgorithm(flow, flow.transformer, reward=None, sampling=SamplingConfig(), update=UpdateConfig())
     return step.velocity_fn(cond, guidance_scale, uncond)
 
 

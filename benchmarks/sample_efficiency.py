@@ -1,8 +1,8 @@
-"""TP-GRPO against Flow-GRPO (outcome credit) on the shapes task: held-out reward per step and second.
+"""TP-GRPO, Flow-GRPO and DiffusionNFT on the shapes task: held-out reward per step and second.
 
-    python benchmarks/sample_efficiency.py [--steps 40] [--seeds 0 1] [--eval-every 10] [-- extra CLI overrides]
+    python benchmarks/sample_efficiency.py [--steps 40] [--seeds 0 1 2] [--eval-every 10] [--methods ...] [-- extra CLI overrides]
 
-Both methods train the same model from the same config (default ``configs/tiny.yaml``) for the
+All algorithms (``model.algorithm``) train the same model from the same config (default ``configs/tiny.yaml``) for the
 same number of optimizer steps with each seed; the held-out reward (deterministic ODE samples,
 fixed seeds) is measured before training and every ``--eval-every`` rollout batches. Writes
 ``benchmarks/results/sample_efficiency.json`` and ``.png`` (reward against steps and against
@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.rollout import machine  # noqa: E402
 from tpgrpo.cli import build_cli  # noqa: E402
-from tpgrpo.curves import CREDIT_LABELS, HeldOutCurve, plot_curves  # noqa: E402
+from tpgrpo.curves import ALGORITHM_LABELS, HeldOutCurve, plot_curves  # noqa: E402
 
-METHODS = ("tp", "outcome")
+METHODS = ("tp-grpo", "flow-grpo", "diffusion-nft")
 
 
 def run_one(config: str, method: str, seed: int, steps: int, eval_every: int, extra: list[str]) -> list[dict]:
@@ -32,7 +32,7 @@ def run_one(config: str, method: str, seed: int, steps: int, eval_every: int, ex
     cli = build_cli(
         [
             "--config", config,
-            f"--model.credit.method={method}",
+            f"--model.algorithm={method}",
             f"--model.seed={seed}",
             f"--data.seed={seed}",
             f"--seed_everything={seed}",
@@ -60,14 +60,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="algorithms to run")
     parser.add_argument("--eval-every", type=int, default=10, help="rollout batches between evaluations")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sample_efficiency.json"))
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
 
-    results = {method: {} for method in METHODS}
-    for method in METHODS:
+    results = {method: {} for method in args.methods}
+    for method in args.methods:
         for seed in args.seeds:
             results[method][seed] = run_one(args.config, method, seed, args.steps, args.eval_every, extra)
 
@@ -81,7 +82,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     try:
-        curves = {f"{CREDIT_LABELS[m]} (seed {seed})": points for m in METHODS for seed, points in results[m].items()}
+        curves = {f"{ALGORITHM_LABELS[m]} (seed {seed})": points for m in results for seed, points in results[m].items()}
         plot_curves(curves, out.with_suffix(".png"), x=("step", "seconds"))
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
@@ -91,19 +92,21 @@ def main() -> None:
 def summarize(results: dict[str, dict[int, list[dict]]]) -> dict:
     """Seed-averaged base and final held-out reward per method, and the steps each seed took to
     cover half of the best method's rise (None when no method rose above the base)."""
-    seeds = len(results["tp"])
-    base = sum(points[0]["reward"] for points in results["tp"].values()) / seeds
-    final = {m: sum(p[-1]["reward"] for p in results[m].values()) / seeds for m in METHODS}
+    first = next(iter(results.values()))
+    seeds = len(first)
+    base = sum(points[0]["reward"] for points in first.values()) / seeds  # the same model before training
+    final = {m: sum(p[-1]["reward"] for p in results[m].values()) / seeds for m in results}
     best = max(final.values())
     target = base + 0.5 * (best - base) if best > base else None
-    reach = {m: {s: steps_to_reach(p[1:], target) if target else None for s, p in results[m].items()} for m in METHODS}
+    reach = {m: {s: steps_to_reach(p[1:], target) if target else None for s, p in results[m].items()} for m in results}
     return {"base_reward": base, "final_reward": final, "target": target, "steps_to_target": reach}
 
 
 def summary_line(summary: dict) -> str:
     final, steps = summary["final_reward"], summary["args"]["steps"]
-    line = (f"held-out reward {summary['base_reward']:.3f} -> TP-GRPO {final['tp']:.3f}, Flow-GRPO "
-            f"{final['outcome']:.3f} after {steps} optimizer steps ({len(summary['args']['seeds'])} seeds)")
+    reached = ", ".join(f"{ALGORITHM_LABELS[m]} {value:.3f}" for m, value in final.items())
+    line = (f"held-out reward {summary['base_reward']:.3f} -> {reached} after {steps} optimizer steps "
+            f"({len(summary['args']['seeds'])} seeds)")
     if summary["target"] is None:
         return line + "; neither method rose above the base"
     return line + f"; steps to {summary['target']:.3f}: {summary['steps_to_target']}"

@@ -1,7 +1,7 @@
 """Benchmark: one whole training batch (rollout, decode, rewards, credit, update), TP-GRPO against Flow-GRPO.
 
 Each measurement is a real ``train.py fit`` of one rollout batch (the LightningModule's own
-training step, `tpgrpo.step.GRPOStep`, its optimizer steps) with the phase seconds the step
+training step, `tpgrpo.algorithms`, its optimizer steps) with the phase seconds the step
 reports (``time/*`` in TensorBoard), the NFE per image, images per second and the peak memory.
 Cases:
 
@@ -39,7 +39,7 @@ from benchmarks.rollout import SD3_SHIFT, machine, peak_memory_increase_mib, sd3
 from tpgrpo.cli import build_cli  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "step.json"
-METHODS = {"tp": "TP-GRPO", "outcome": "Flow-GRPO"}
+METHODS = {"tp-grpo": "TP-GRPO", "flow-grpo": "Flow-GRPO"}
 UPDATE_METRICS = ("train/ratio", "train/first_ratio", "train/clip_frac", "train/log_prob_diff", "train/policy_loss")
 
 
@@ -117,7 +117,7 @@ def measure(args: argparse.Namespace, case: str, method: str, folder: Path | Non
     last step's ratio statistics (``extra``: more train.py overrides)."""
     overrides = [
         *case_overrides(args, case, folder),
-        f"--model.credit.method={method}",
+        f"--model.algorithm={method}",
         "--data.val_prompts=null", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--ema=null", "--export=null", "--images=null",
@@ -142,7 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default="tiny,sd3", help="comma-separated subset of tiny,sd3")
-    parser.add_argument("--methods", default="tp,outcome", help="comma-separated subset of tp,outcome")
+    parser.add_argument("--methods", default="tp-grpo,flow-grpo", help="comma-separated algorithms (model.algorithm)")
     parser.add_argument("--batches", type=int, default=1, help="measured rollout batches per method (best is kept)")
     parser.add_argument("--warmup", type=int, default=0, help="batches run before measuring (compile, allocator)")
     parser.add_argument("--sd3-layers", type=int, default=2, help="of the real 24")
@@ -177,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         folder = save_sd3_shaped(args.work / "sd3_shaped", args.sd3_layers, args.sd3_resolution) if case == "sd3" else None
         chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
         methods = {method: measure(args, case, method, folder) for method in chosen}
-        if {"tp", "outcome"} <= set(methods):
-            methods["step_time_ratio"] = methods["tp"]["seconds"] / methods["outcome"]["seconds"]
+        if {"tp-grpo", "flow-grpo"} <= set(methods):
+            methods["step_time_ratio"] = methods["tp-grpo"]["seconds"] / methods["flow-grpo"]["seconds"]
         results["cases"][case] = methods
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

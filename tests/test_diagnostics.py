@@ -12,7 +12,7 @@ from tpgrpo.diagnostics import (
     reward_spread,
     signal_to_noise,
 )
-from tpgrpo.step import transition_pairs
+from tpgrpo.algorithms import transition_pairs
 
 
 def test_pairwise_cosines_by_hand():
@@ -104,7 +104,7 @@ def test_policy_gradient_is_the_gradient_of_the_first_step_loss(tiny_model_dir):
         rows = torch.tensor([0, 1, 3])  # row 2 has no advantage and is dropped
         with torch.no_grad():
             return sum(
-                float(model.grpo.loss(collected.with_advantages(advantages), *transition_pairs(rows, [t]))[0]) * 3 / 4
+                float(model.algorithm.loss(collected.with_advantages(advantages), *transition_pairs(rows, [t]))[0]) * 3 / 4
                 for t in range(2)
             )
 

@@ -194,10 +194,10 @@ def test_balance_scope_balances_over_this_rank_or_all_ranks(tiny_model_dir, scop
     # so balancing over both ranks keeps one rising turning point (the row with the larger rise)
     own = torch.tensor([[0.1, 0.3, 0.5], [0.2, 0.3, 0.7], [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]])
     other = torch.tensor([[0.9, 0.7, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
-    model.grpo.collectives = Collectives(
+    model.algorithm.collectives = Collectives(
         rank=0, world_size=2, gather_rows=lambda t: torch.cat([t, t if t.dtype == torch.long else other])
     )
-    per_step, _, kept = model.grpo.credit_and_advantages(own, torch.tensor([0, 0, 1, 1]))
+    per_step, _, kept = model.algorithm.credit_and_advantages(own, torch.tensor([0, 0, 1, 1]))
     alone = credit.turning_point_rewards(own)
     together = credit.turning_point_rewards(torch.cat([own, other]))[:4]
     assert credit.turning_points(own).sum() == 2
@@ -220,7 +220,7 @@ def test_minibatch_scope_balances_mini_batches_that_mix_prompts(tiny_model_dir):
     # every row flags step 0; group 0 rises (Δ = 2, 3, 4), group 1 falls (Δ = -2, -3, -4)
     own = torch.tensor([[0.0, 1, 2], [0, 1, 3], [0, 1, 4], [0, -1, -2], [0, -1, -3], [0, -1, -4]])
     assert credit.turning_points(own)[:, 0].all()  # over the whole rank: three of each sign, all kept
-    per_step, _, kept = model.grpo.credit_and_advantages(own, torch.tensor([0, 0, 0, 1, 1, 1]))
+    per_step, _, kept = model.algorithm.credit_and_advantages(own, torch.tensor([0, 0, 0, 1, 1, 1]))
     # round robin: rows (0, 3, 1) then (4, 2, 5); each run keeps one rising and one falling turning point,
     # those with the largest |Δ|: rows 1 and 3, then rows 2 and 5
     assert kept[:, 0].tolist() == [False, True, True, True, False, True] and not kept[:, 1].any()

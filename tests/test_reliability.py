@@ -526,7 +526,7 @@ def test_a_too_long_prompt_is_truncated_with_one_warning(tmp_path, tiny_model_di
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for prompts in ([long, "a photo of a circle"], [long], [longer, "a photo of a square"]):
-            cond = model.grpo.encode(prompts)
+            cond = model.algorithm.encode(prompts)
             assert cond.prompt_embeds.shape[0] == len(prompts)
     messages = [str(w.message) for w in caught if "truncated" in str(w.message)]
     assert len(messages) == 1, messages
@@ -537,7 +537,7 @@ def test_a_too_long_prompt_is_truncated_with_one_warning(tmp_path, tiny_model_di
     assert [r for r in records if "truncated because" in r.getMessage()]
     # a truncated prompt gets the same embedding as its first `limit` tokens
     head = " ".join(long.split()[: limit - 2])
-    torch.testing.assert_close(model.grpo.encode([long]).prompt_embeds, model.grpo.encode([head]).prompt_embeds)
+    torch.testing.assert_close(model.algorithm.encode([long]).prompt_embeds, model.algorithm.encode([head]).prompt_embeds)
 
 
 # ------------------------------------------------------------------------------ failing rewards

@@ -29,7 +29,7 @@ TASKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "tasks").gl
 def test_defaults_are_the_spec_recipe():
     sampling, credit, update, optimizer = SamplingConfig(), CreditConfig(), UpdateConfig(), OptimizerConfig()
     assert (sampling.num_steps, sampling.window_size, sampling.noise_level, sampling.guidance_scale) == (10, 9, 0.7, 4.5)
-    assert (credit.method, credit.eta, credit.balance, credit.advantage_clip) == ("tp", 1.0, True, 5.0)
+    assert (credit.method, credit.eta, credit.balance, credit.advantage_clip) == (None, 1.0, True, 5.0)
     assert (update.clip_range, update.kl_beta, update.max_grad_norm) == (1e-5, 1e-4, 1.0)
     assert (optimizer.learning_rate, optimizer.betas, optimizer.weight_decay, optimizer.eps) == (3e-4, (0.9, 0.999), 1e-4, 1e-8)
 

@@ -14,7 +14,7 @@ from tpgrpo.ema import LoRAEMA
 from tpgrpo.evaluation import EvalResults
 from tpgrpo.lora import disabled_adapter, lora_parameters
 from tpgrpo.families import FlowModel
-from tpgrpo.step import transition_pairs
+from tpgrpo.algorithms import transition_pairs
 from tpgrpo.tiny.components import load_pipeline
 
 
@@ -93,6 +93,22 @@ def test_only_lora_is_trained(tmp_path, tiny_model_dir, prompt_file):
     assert not any(p.requires_grad for p in model.flow.vae.parameters())
 
 
+def test_diffusion_nft_fits_through_the_cli_and_trains_only_the_lora(tmp_path, tiny_model_dir, prompt_file):
+    cli = build_cli(cli_args(tmp_path, tiny_model_dir, prompt_file, "--model.algorithm=diffusion-nft"), run=False)
+    model = cli.model
+    before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    after = model.transformer.state_dict()
+    assert cli.trainer.global_step == 2
+    assert all(torch.equal(before[k], after[k]) for k in before if "lora" not in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+    tags = scalar_tags(Path(cli.trainer.log_dir))
+    for tag in ["train/policy_loss", "train/old_deviation", "train/grad_norm", "train/nfe_per_image", "val/reward",
+                "per_step/advantage_abs_mean_2", "time/rollout_seconds"]:
+        assert tag in tags, tag
+    assert not any(tag.startswith(("per_step/R_", "train/turning_points", "train/ratio")) for tag in tags)
+
+
 def test_reference_is_the_base_model(tmp_path, tiny_model_dir, prompt_file):
     cli = build_cli(cli_args(tmp_path, tiny_model_dir, prompt_file), run=False)
     model = cli.model
@@ -124,8 +140,8 @@ def _collected(tmp_path, model_dir, prompts, *extra):
 def test_first_ratio_is_one(tmp_path, tiny_model_dir, prompt_file):
     model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file)
     rows = torch.arange(len(collected))
-    for index in model.grpo.trained_transitions(collected.rollout):
-        _, metrics = model.grpo.loss(collected, *transition_pairs(rows, [index]))
+    for index in model.algorithm.trained_units(collected):
+        _, metrics = model.algorithm.loss(collected, *transition_pairs(rows, [index]))
         assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-4
         assert float(metrics["clip_frac"]) == 0.0
 
@@ -141,16 +157,17 @@ def test_bf16_weights_keep_the_first_ratio_at_one(tmp_path, tiny_model_dir, prom
     assert all(encoder.dtype == torch.bfloat16 for encoder in model.flow.text_encoders)
     assert {p.dtype for p in lora_parameters(model.transformer)} == {torch.float32}
     assert collected.rollout.log_probs.dtype == torch.float32
-    rows = torch.arange(len(collected))
-    model.grpo.update = dataclasses.replace(model.grpo.update, max_latents_per_call=limit)
-    for call in model.grpo.loss_calls(rows, model.grpo.trained_transitions(collected.rollout)):
-        _, metrics = model.grpo.loss(collected, *call)
+    model.algorithm.update = dataclasses.replace(model.algorithm.update, max_latents_per_call=limit)
+    calls = [call for plan in model.algorithm.plan(collected, 1) for call in plan.calls]
+    assert sum(call.rows.numel() for call in calls) == len(collected) * collected.rollout.window_size
+    for call in calls:
+        _, metrics = model.algorithm.loss(collected, call.rows, call.units)
         assert float(metrics["ratio_max"]) - 1 <= 1e-5 and 1 - float(metrics["ratio_min"]) <= 1e-5
         assert float(metrics["clip_frac"]) == 0.0
 
 
 def test_outcome_credit_gives_flow_grpo_loss(tmp_path, tiny_model_dir, prompt_file):
-    model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file, "--model.credit.method=outcome")
+    model, batch, collected = _collected(tmp_path, tiny_model_dir, prompt_file, "--model.algorithm=flow-grpo")
     result = collected.rollout
     assert result.final_latents.shape[1] == 1  # no branches for Flow-GRPO
     final = collected.final_rewards
@@ -159,7 +176,7 @@ def test_outcome_credit_gives_flow_grpo_loss(tmp_path, tiny_model_dir, prompt_fi
     )[:, None].expand(-1, result.window_size)
     torch.testing.assert_close(collected.advantages, expected_advantages)
     rows = torch.arange(len(final))
-    loss, metrics = model.grpo.loss(collected, *transition_pairs(rows, [0]))
+    loss, metrics = model.algorithm.loss(collected, *transition_pairs(rows, [0]))
     # with ratio 1 the Flow-GRPO loss is -mean(A)
     assert float(loss.detach()) == pytest.approx(float(-expected_advantages[:, 0].mean()), abs=1e-4)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from tpgrpo.evaluation import EvalResults, mean_and_stderr
 
 
-CREDIT_LABELS = {"tp": "TP-GRPO", "outcome": "Flow-GRPO"}
+ALGORITHM_LABELS = {"tp-grpo": "TP-GRPO", "flow-grpo": "Flow-GRPO", "diffusion-nft": "DiffusionNFT"}
 
 
 class HeldOutCurve(EvalResults):

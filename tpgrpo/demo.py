@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tpgrpo.cli import build_cli
-from tpgrpo.curves import CREDIT_LABELS, HeldOutCurve, plot_curves
+from tpgrpo.curves import ALGORITHM_LABELS, HeldOutCurve, plot_curves
 from tpgrpo.evaluation import EvalResults, mean_and_stderr
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import captioned_grid
@@ -82,7 +82,8 @@ def run(argv: list[str]) -> dict:
     )
     grid.save(out / "before_after.png")
     points = list({p["step"]: p for p in curve.points}.values())  # the final evaluation repeats the last one
-    plot_curves({CREDIT_LABELS.get(cli.model.credit.method, cli.model.credit.method): points}, out / "reward_curve.png")
+    algorithm = cli.model.hparams["algorithm"]
+    plot_curves({ALGORITHM_LABELS.get(algorithm, algorithm): points}, out / "reward_curve.png")
     mean_before, err_before = before["reward"]
     mean_after, err_after = after["reward"]
     rise_in_stderr = in_stderr(mean_after - mean_before, math.hypot(err_before, err_after))

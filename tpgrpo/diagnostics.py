@@ -21,7 +21,7 @@ from torch import Tensor
 
 from tpgrpo import credit as credit_rules
 from tpgrpo.lora import lora_parameters
-from tpgrpo.step import RolloutBatch, transition_pairs
+from tpgrpo.algorithms import RolloutBatch, transition_pairs
 
 
 def policy_gradient(module: Any, batch: RolloutBatch, advantages: Tensor | None = None) -> list[Tensor]:
@@ -30,17 +30,17 @@ def policy_gradient(module: Any, batch: RolloutBatch, advantages: Tensor | None 
     ``module`` is a `tpgrpo.module.TPGRPOModule`, ``batch`` what its ``collect`` returned;
     ``advantages`` (N, W) replaces the batch's (e.g. shuffled, for the noise floor). At the first
     step the ratio is exactly 1, so this is the plain policy gradient of spec §4, with the loss
-    normalised as the update normalises it (`GRPOStep.loss` over the batch's active images, a
+    normalised as the update normalises it (`GRPO.loss` over the batch's active images, a
     mean over all its images). Each tensor concatenates the gradients of
     `tpgrpo.lora.named_lora_parameters`, in that order. The LoRA gradients are left cleared.
     """
-    step = module.grpo
+    step = module.algorithm
     if advantages is not None:
         batch = batch.with_advantages(advantages)
     params = lora_parameters(module.transformer)
     rows = credit_rules.active_rows(batch.advantages).nonzero().flatten()
     gradients = []
-    for index in step.trained_transitions(batch.rollout):
+    for index in step.trained_units(batch):
         for param in params:
             param.grad = None
         if rows.numel():

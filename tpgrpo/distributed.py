@@ -133,7 +133,7 @@ def _same(value):
 
 @dataclass(frozen=True)
 class Collectives:
-    """The cross-rank operations a GRPO step needs, passed to `tpgrpo.step.GRPOStep`.
+    """The cross-rank operations a GRPO step needs, passed to an algorithm (`tpgrpo.algorithms.FlowAlgorithm`).
 
     The defaults are one process. ``gather_rows`` concatenates every rank's equally shaped tensor
     along dim 0 in rank order; ``max`` and ``sum`` reduce a number over ranks.

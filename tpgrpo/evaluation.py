@@ -21,7 +21,7 @@ from tpgrpo.rollout import ode_sample
 
 if TYPE_CHECKING:
     from tpgrpo.distributed import Collectives
-    from tpgrpo.step import GRPOStep
+    from tpgrpo.algorithms import FlowAlgorithm
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
@@ -38,7 +38,7 @@ def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def sample(step: GRPOStep, prompts: Sequence[str], seeds: Tensor, num_steps: int, guidance_scale: float) -> Tensor:
+def sample(step: FlowAlgorithm, prompts: Sequence[str], seeds: Tensor, num_steps: int, guidance_scale: float) -> Tensor:
     """Deterministic ODE samples (N, 3, H, W) in [0, 1] of the current policy, one per prompt and seed.
 
     Image ``i`` starts from the noise of seed ``seeds[i]`` alone, so it does not depend on the

@@ -17,7 +17,6 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from tpgrpo import credit as credit_rules
 from tpgrpo import evaluation
 from tpgrpo.acceleration import compile_blocks, set_attention_backend
 from tpgrpo.distributed import is_sharded, shard_transformer
@@ -31,6 +30,7 @@ from tpgrpo.settings import (
     CreditConfig,
     EvaluationConfig,
     LoRAConfig,
+    NFTConfig,
     OptimizerConfig,
     RewardsSetting,
     SamplingConfig,
@@ -44,7 +44,8 @@ from tpgrpo.settings import (
     parse_eval_rewards,
     parse_rewards,
 )
-from tpgrpo.step import GRPOStep, RolloutBatch
+from tpgrpo.algorithms import ALGORITHMS, Batch, build_algorithm
+from tpgrpo.metrics import training_metrics
 from tpgrpo.tiny.components import DEFAULT_MODEL_DIR
 
 
@@ -58,7 +59,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 class TPGRPOModule(LightningModule):
-    """TP-GRPO (or Flow-GRPO with ``credit.method: outcome``) fine-tuning of a flow-matching model's LoRA.
+    """Reinforcement fine-tuning of a flow-matching model's LoRA: TP-GRPO, Flow-GRPO or DiffusionNFT.
 
     The settings come in named groups (`tpgrpo.settings`), each checked when it is built; a group
     may be given as its dataclass or as a mapping of its settings.
@@ -68,6 +69,8 @@ class TPGRPOModule(LightningModule):
             defaults to the shipped tiny model.
         family: "auto" (read the folder) or one of `tpgrpo.families.PIPELINE_FAMILIES`: "sd3",
             "flux", "qwenimage", "flux2", "flux2-dev", "zimage".
+        algorithm: the training algorithm (`tpgrpo.algorithms.ALGORITHMS`): "tp-grpo" (turning-point
+            credit), "flow-grpo" (outcome credit) or "diffusion-nft".
         rewards: reward names and weights, each a weight or a mapping of the weight and the
             reward's options, e.g. ``{pickscore: 1.0, ocr: {weight: 0.5, engine: tesseract}}``.
         eval_rewards: rewards scored only in validation and test, beside the training reward, to watch
@@ -75,7 +78,8 @@ class TPGRPOModule(LightningModule):
             (``{}`` for a reward's defaults), each logged as ``val/<name>`` with ``val/<name>_stderr``.
             Built at the first evaluation.
         sampling: training rollouts (`tpgrpo.settings.SamplingConfig`).
-        credit: turning-point or outcome credit and advantages (`tpgrpo.settings.CreditConfig`).
+        credit: credit rule and advantages (`tpgrpo.settings.CreditConfig`).
+        nft: DiffusionNFT's setting (`tpgrpo.settings.NFTConfig`).
         update: the clipped GRPO update (`tpgrpo.settings.UpdateConfig`).
         optimizer: AdamW and warm-up (`tpgrpo.settings.OptimizerConfig`).
         lora: the adapter (`tpgrpo.settings.LoRAConfig`).
@@ -95,10 +99,12 @@ class TPGRPOModule(LightningModule):
         self,
         pretrained_path: str = str(DEFAULT_MODEL_DIR),
         family: str = "auto",
+        algorithm: str = "tp-grpo",
         rewards: RewardsSetting | None = None,
         eval_rewards: EvalRewardsSetting | None = None,
         sampling: SamplingConfig = SamplingConfig(),
         credit: CreditConfig = CreditConfig(),
+        nft: NFTConfig = NFTConfig(),
         update: UpdateConfig = UpdateConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         lora: LoRAConfig = LoRAConfig(),
@@ -113,6 +119,7 @@ class TPGRPOModule(LightningModule):
         super().__init__()
         self.sampling = as_group(SamplingConfig, sampling)
         self.credit = as_group(CreditConfig, credit)
+        self.nft = as_group(NFTConfig, nft)
         self.update_config = as_group(UpdateConfig, update)
         self.optimizer_config = as_group(OptimizerConfig, optimizer)
         self.lora = as_group(LoRAConfig, lora)
@@ -121,16 +128,18 @@ class TPGRPOModule(LightningModule):
         self.prompt_cache = as_group(PromptCacheConfig, prompt_cache)
         self.reward_specs = parse_rewards(rewards)
         self.eval_reward_options = parse_eval_rewards(eval_rewards, [spec.name for spec in self.reward_specs])
+        _check(algorithm in ALGORITHMS, f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
         _check(max_sequence_length >= 1, f"max_sequence_length must be >= 1, got {max_sequence_length}")
         dtype = parse_dtype(weights_dtype)
         self.save_hyperparameters(
             {
                 "pretrained_path": pretrained_path,
                 "family": family,
+                "algorithm": algorithm,
                 "rewards": {spec.name: {"weight": spec.weight, **spec.options} for spec in self.reward_specs},
                 "eval_rewards": self.eval_reward_options,
                 **group_dicts(
-                    sampling=self.sampling, credit=self.credit, update=self.update_config,
+                    sampling=self.sampling, credit=self.credit, nft=self.nft, update=self.update_config,
                     optimizer=self.optimizer_config, lora=self.lora, evaluation=self.evaluation, compute=self.compute,
                     prompt_cache=self.prompt_cache,
                 ),
@@ -167,8 +176,9 @@ class TPGRPOModule(LightningModule):
         # built at the first evaluation and kept out of the module tree: no accelerator memory while
         # training only, no sharding, nothing in checkpoints
         self._eval_reward: list = []
-        self.grpo = GRPOStep(
-            self.flow, self.transformer, self.reward, self.sampling, self.credit, self.update_config, seed=seed
+        self.algorithm = build_algorithm(
+            algorithm, self.flow, self.transformer, self.reward, self.sampling, self.update_config, seed=seed,
+            groups={"credit": self.credit, "nft": self.nft},
         )
 
     def configure_model(self) -> None:
@@ -201,75 +211,48 @@ class TPGRPOModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ rollouts
-    def collect(self, batch: Mapping[str, Any], step: Any) -> RolloutBatch:
-        """Rollout, rewards, credit and advantages of one batch of the data module (`GRPOStep.collect`)."""
-        return self.grpo.collect(batch["prompts"], batch["metadata"], batch["group_ids"], step)
+    def collect(self, batch: Mapping[str, Any], step: Any) -> Batch:
+        """Rollouts, rewards and advantages of one batch of the data module (the algorithm's ``collect``)."""
+        return self.algorithm.collect(batch["prompts"], batch["metadata"], batch["group_ids"], step)
 
     # ----------------------------------------------------------------------------------- update
-    def _update(self, collected: RolloutBatch) -> tuple[dict[str, float], Tensor]:
-        """``optimizer_steps_per_batch`` optimizer steps over the batch's images, split evenly.
+    def _update(self, collected: Batch) -> tuple[dict[str, float], Tensor]:
+        """``optimizer_steps_per_batch`` optimizer steps over the batch, as the algorithm plans them
+        (`tpgrpo.algorithms.plan_update`): backward of each call's loss times its weight, then
+        gradient clipping and the step.
 
         Every rollout batch takes exactly that many steps (so ``max_steps`` and resuming count
         the same way whatever happens); a step without images with a learning signal, or with a
-        non-finite gradient, has no gradients and leaves the weights unchanged. Images go to
-        steps by `tpgrpo.credit.update_parts`, and each step's loss is the mean over that part's
-        images on all ranks, so N ranks take the steps one process takes on their joint batch.
-        Returns the metrics and each step's loss.
+        non-finite gradient, has no gradients and leaves the weights unchanged. Returns the
+        metrics and each step's loss (this rank's share of it summed over ranks).
         """
-        comm = self.grpo.comm()
-        steps = self.update_config.optimizer_steps_per_batch
-        active = credit_rules.active_rows(collected.advantages)
-        part_of = credit_rules.update_parts(collected.group_ids, steps)
+        world_size = self.algorithm.comm().world_size
+        plans = self.algorithm.plan(collected, self.update_config.optimizer_steps_per_batch)
         totals: dict[str, list[Tensor]] = {}
-        step_losses = torch.zeros(steps)
+        step_losses = torch.zeros(len(plans))
         first: dict[str, Tensor] = {}  # the ratio's range on the first step
-        for index in range(steps):
-            part = (active & (part_of == index)).nonzero().flatten()
-            part_total = int(comm.sum(part.numel()))
-            if part_total:
-                step_losses[index] = self._accumulate(collected, part, part_total, totals)
+        for index, plan in enumerate(plans):
+            for call in plan.calls:
+                loss, metrics = self.algorithm.loss(collected, call.rows, call.units)
+                self.manual_backward(loss * call.weight)
+                step_losses[index] += float(loss.detach()) * call.weight / world_size
+                if not call.padding:
+                    for key, value in metrics.items():
+                        totals.setdefault(key, []).append(value)
             if index == 0 and "ratio_min" in totals:  # the first step recomputes the rollout's transitions: ratio 1
                 first = {"first_ratio_min": min(totals["ratio_min"]), "first_ratio_max": max(totals["ratio_max"])}
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(lora_parameters(self.transformer), self.update_config.max_grad_norm))
-            if part_total and not torch.isfinite(grad_norm):
+            if plan.images_on_all_ranks and not torch.isfinite(grad_norm):
                 self.optimizers().zero_grad(set_to_none=True)
                 self._skip_step("the loss or its gradient is NaN or infinite")
-            elif part_total:
+            elif plan.images_on_all_ranks:
                 self.bad_steps = 0
                 totals.setdefault("grad_norm", []).append(grad_norm.detach())
             self._optimizer_step()
         out = {key: float(torch.stack(values).float().mean()) for key, values in totals.items()}
         out.update({key: float(value) for key, value in first.items()})
-        out["active_fraction"] = float(active.float().mean())
+        out["active_fraction"] = float(self.algorithm.trained_rows(collected).float().mean())
         return out, step_losses
-
-    def _accumulate(self, collected: RolloutBatch, part: Tensor, part_total: int, totals: dict[str, list[Tensor]]) -> float:
-        """Backward of the loss over the images ``part`` (of ``part_total`` on all ranks) and all trained transitions.
-
-        Micro-batches of ``train_micro_batch`` images, each in transformer calls of at most
-        ``max_latents_per_call`` (image, transition) pairs (`GRPOStep.loss_calls`). Gradients are
-        averaged over ranks after each backward pass, hence the factor of the world size. Ranks
-        with fewer calls run zero-weighted ones, so all make the same calls. Returns this rank's
-        share of the step's loss (the shares of all ranks add up to it).
-        """
-        comm = self.grpo.comm()
-        transitions = self.grpo.trained_transitions(collected.rollout)
-        micro = self.update_config.train_micro_batch or max(part.numel(), 1)
-        calls = [call for rows in part.split(micro) for call in self.grpo.loss_calls(rows, transitions)]
-        real_calls = len(calls)
-        padding = torch.zeros(1, dtype=torch.long, device=part.device)
-        calls += [(padding, padding)] * (int(comm.max(real_calls)) - real_calls)
-        share = 0.0
-        for number, (rows, steps) in enumerate(calls):
-            real = number < real_calls
-            weight = rows.numel() / part_total / len(transitions) * comm.world_size if real else 0.0
-            loss, metrics = self.grpo.loss(collected, rows, steps)
-            self.manual_backward(loss * weight)
-            share += float(loss.detach()) * weight / comm.world_size
-            if real:
-                for key, value in metrics.items():
-                    totals.setdefault(key, []).append(value)
-        return share
 
     def _optimizer_step(self) -> None:
         """One optimizer and scheduler step (a no-op for weights without gradients)."""
@@ -286,24 +269,24 @@ class TPGRPOModule(LightningModule):
         started = time.perf_counter()
         step_key = (self.current_epoch, batch_idx, self.global_step)
         collected = self.collect(batch, step_key)
-        if self.grpo.comm().max(float(not torch.isfinite(collected.rewards).all())):
+        if self.algorithm.comm().max(float(not torch.isfinite(collected.rewards).all())):
             self._skip_step("the reward is NaN or infinite for some images")
             for _ in range(self.update_config.optimizer_steps_per_batch):
                 self._optimizer_step()
             return None
         update_started = time.perf_counter()
         update_metrics, step_losses = self._update(collected)
-        timings = {**self.grpo.timings, "update": time.perf_counter() - update_started}
+        timings = {**self.algorithm.timings, "update": time.perf_counter() - update_started}
         self._log_training(collected, update_metrics, time.perf_counter() - started, timings)
         return {
             "rewards": collected.rewards,
-            "step_rewards": collected.step_rewards,
+            "step_rewards": getattr(collected, "step_rewards", None),
             "advantages": collected.advantages,
             "group_ids": collected.group_ids,
             "step_losses": step_losses,
             "images": collected.images,
             "timings": timings,
-            "nfe_per_image": collected.rollout.nfe_per_image,
+            "nfe_per_image": collected.nfe_per_image,
         }
 
     def _skip_step(self, reason: str) -> None:
@@ -318,43 +301,19 @@ class TPGRPOModule(LightningModule):
                 "lower the learning rate, check the reward, or resume from the last checkpoint"
             )
 
-    def _log_training(
-        self, collected: RolloutBatch, update: dict[str, float], elapsed: float, timings: dict[str, float]
-    ) -> None:
-        sequence, final = collected.rewards, collected.final_rewards
-        metrics = {
-            "train/reward_mean": final.mean(),
-            "train/reward_std": final.std(unbiased=False),
-            "train/images_per_second": torch.tensor(final.numel() / elapsed * self.grpo.comm().world_size),  # all ranks
-            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
-            "train/nfe_per_image": torch.tensor(float(collected.rollout.nfe_per_image)),
-        }
-        for key, value in collected.scores.items():
-            if key != "reward":
-                metrics[f"train/{key}"] = value[:, -1].float().nanmean()
-        metrics.update({f"train/{k}": torch.tensor(v) for k, v in update.items()})
-        metrics.update({f"time/{phase}_seconds": torch.tensor(seconds) for phase, seconds in timings.items()})
-        kept = collected.turning_points
-        if kept is not None:
-            raw = credit_rules.raw_turning_points(sequence)
-            metrics["train/turning_points_kept"] = kept.float().sum()
-            metrics["train/turning_points_dropped"] = (raw & ~kept).float().sum()
-            for k in range(sequence.shape[1]):
-                metrics[f"per_step/R_{k}"] = sequence[:, k].mean()
-            for t in range(kept.shape[1]):
-                metrics[f"per_step/turning_point_rate_{t}"] = kept[:, t].float().mean()
-        for t in range(collected.advantages.shape[1]):
-            metrics[f"per_step/advantage_abs_mean_{t}"] = collected.advantages[:, t].abs().mean()
-            metrics[f"per_step/step_reward_mean_{t}"] = collected.step_rewards[:, t].mean()
+    def _log_training(self, collected: Batch, update: dict[str, float], elapsed: float, timings: dict[str, float]) -> None:
+        learning_rate = self.optimizers().param_groups[0]["lr"]
+        metrics = training_metrics(collected, update, elapsed, timings, self.algorithm.comm().world_size, learning_rate)
         # on the module's device: NCCL reduces only GPU tensors
         metrics = {key: value.to(self.device) for key, value in metrics.items()}
-        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=final.numel(), sync_dist=True)
-        self.log("reward", metrics["train/reward_mean"], prog_bar=True, batch_size=final.numel(), sync_dist=True)
+        batch_size = len(collected)
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=batch_size, sync_dist=True)
+        self.log("reward", metrics["train/reward_mean"], prog_bar=True, batch_size=batch_size, sync_dist=True)
 
     # ------------------------------------------------------------------------------ evaluation
     def sample(self, prompts: Sequence[str], seeds: Tensor) -> Tensor:
         """Deterministic ODE samples (N, 3, H, W) in [0, 1], one per prompt and seed (`tpgrpo.evaluation.sample`)."""
-        return evaluation.sample(self.grpo, prompts, seeds, self.evaluation.num_steps, self.evaluation.guidance_scale)
+        return evaluation.sample(self.algorithm, prompts, seeds, self.evaluation.num_steps, self.evaluation.guidance_scale)
 
     def _evaluate(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
         """Sample and score one evaluation batch; log the mean of each score. Returns, for
@@ -395,7 +354,7 @@ class TPGRPOModule(LightningModule):
             return {key: value for reward in rewards for key, value in reward.summarise(means).items()}
 
         keys = ["reward", *self.eval_reward_options]
-        summary = evaluation.summarise_over_ranks(self._eval_scores, self.grpo.comm(), keys, summarise)
+        summary = evaluation.summarise_over_ranks(self._eval_scores, self.algorithm.comm(), keys, summarise)
         for key, stderr in summary.stderrs.items():
             self.log(f"{stage}/{key}_stderr", stderr, sync_dist=False, rank_zero_only=True)
         for key, value in summary.summaries.items():
@@ -417,7 +376,7 @@ class TPGRPOModule(LightningModule):
         if current is not None and current.key == key:
             return
         cache = EmbeddingCache(self.prompt_cache.folder, key, prompts)
-        cache.build(self.flow, self.grpo.comm(), self.prompt_cache.batch_size, barrier=self.trainer.strategy.barrier)
+        cache.build(self.flow, self.algorithm.comm(), self.prompt_cache.batch_size, barrier=self.trainer.strategy.barrier)
         cache.open().check(self.flow, prompts[:2])
         self.flow.embedding_cache = cache
         if self.prompt_cache.release_text_encoders:

@@ -112,7 +112,9 @@ class CreditConfig:
     """How rewards become per-step rewards and advantages.
 
     Args:
-        method: "tp" (turning points, TP-GRPO) or "outcome" (Flow-GRPO: every step gets R_W).
+        method: the credit rule of a GRPO algorithm (`tpgrpo.credit.CREDITS`): "tp" (turning points)
+            or "outcome" (every step gets R_W); None takes the algorithm's own ("tp" for tp-grpo,
+            "outcome" for flow-grpo). Not for diffusion-nft.
         eta: scale of the long-term reward given at turning points.
         balance: balance turning points of rising and falling trajectories.
         balance_scope: "rank" (spec: over each rank's batch), "global" (over all ranks' batches) or
@@ -127,7 +129,7 @@ class CreditConfig:
         global_std: normalise advantages by the std of the whole batch instead of each group's.
     """
 
-    method: str = "tp"
+    method: Union[str, None] = None
     eta: float = 1.0
     balance: bool = True
     balance_scope: str = "rank"
@@ -138,7 +140,9 @@ class CreditConfig:
     global_std: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.method in CREDITS, f"credit.method must be one of {sorted(CREDITS)}, got {self.method!r}")
+        _check(
+            self.method is None or self.method in CREDITS, f"credit.method must be one of {sorted(CREDITS)}, got {self.method!r}"
+        )
         _check(_finite(self.eta) and self.eta >= 0, f"credit.eta must be >= 0 and finite, got {self.eta}")
         _check(
             self.balance_scope in BALANCE_SCOPES,
@@ -162,6 +166,21 @@ class CreditConfig:
             self.advantage_eps > 0,
             f"credit.advantage_eps must be > 0 (it keeps a constant group finite), got {self.advantage_eps}",
         )
+
+
+@dataclass(frozen=True)
+class NFTConfig:
+    """DiffusionNFT's own setting (``model.algorithm: diffusion-nft``; `tpgrpo.algorithms.nft`).
+
+    Args:
+        beta: how far the implicit positive and negative policies step from the old one
+            (``v± = v_old ± beta (v − v_old)``); the loss is divided by it.
+    """
+
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(_finite(self.beta) and self.beta > 0, f"nft.beta must be > 0 and finite, got {self.beta}")
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,26 @@
-"""One GRPO step of a flow model, apart from any trainer.
+"""GRPO on the SDE window of a flow model: TP-GRPO (turning-point credit) and Flow-GRPO (outcome credit).
 
-`GRPOStep.collect` turns prompts into a `RolloutBatch`: rollouts (`tpgrpo.rollout`), decoding,
-rewards, credit (`tpgrpo.credit`'s registry) and advantages, clipped once. `GRPOStep.loss` gives
-the clipped policy loss (+ β·KL) of any (image, transition) pairs of that batch in one transformer
-call, each pair at its own sigma. The LightningModule adds only what a trainer does (optimizer
-steps, gradient clipping, logging); `tpgrpo.diagnostics` and the benchmarks call the same two
-methods, so what they measure is what trains.
-
-What several processes share goes through `tpgrpo.distributed.Collectives`, passed in: the
-default reads ``torch.distributed`` (one process when it is not initialised), and a test can pass
-its own.
+`GRPO.collect` turns prompts into a `RolloutBatch`: rollouts (`tpgrpo.rollout`), decoding,
+rewards, credit (`tpgrpo.credit`'s registry) and advantages, clipped once. `GRPO.loss` gives the
+clipped policy loss (+ β·KL) of any (image, transition) pairs of that batch in one transformer
+call, each pair at its own sigma. The two algorithms differ only in their credit rule, so they are
+one class registered twice.
 """
 from __future__ import annotations
 
-import time
-import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tpgrpo import credit as credit_rules
-from tpgrpo.distributed import Collectives
+from tpgrpo.algorithms.base import FlowAlgorithm, PhaseTimer, register_algorithm, seed_for
+from tpgrpo.families import PromptEmbeds
 from tpgrpo.lora import disabled_adapter
-from tpgrpo.families import FlowModel, PromptEmbeds
-from tpgrpo.prompt_length import PromptLengthCheck
-from tpgrpo.rollout import Rollout, VelocityFn, rollout, sample_window_start
+from tpgrpo.rollout import Rollout, rollout, sample_window_start
 from tpgrpo.sde import kl_to_reference, sde_step, step_std
-from tpgrpo.settings import CreditConfig, SamplingConfig, UpdateConfig
-
-
-def seed_for(*parts: Any) -> int:
-    """A reproducible 63-bit seed from any values (stable across processes, unlike ``hash``)."""
-    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63 - 1)
+from tpgrpo.settings import CreditConfig
 
 
 @dataclass(frozen=True)
@@ -68,6 +53,10 @@ class RolloutBatch:
     turning_points: Tensor | None
     images: Tensor
 
+    @property
+    def nfe_per_image(self) -> int:
+        return self.rollout.nfe_per_image
+
     def __len__(self) -> int:
         return self.group_ids.shape[0]
 
@@ -83,123 +72,26 @@ class RolloutBatch:
         return replace(self, advantages=advantages)
 
 
-class PhaseTimer:
-    """Wall-clock seconds of named phases (``with timer("rollout"): ...``), accumulated in ``seconds``.
+@register_algorithm("tp-grpo", default_credit="tp")
+@register_algorithm("flow-grpo", default_credit="outcome")
+class GRPO(FlowAlgorithm):
+    """Collects rollout batches of a flow model and gives the GRPO loss of their window transitions.
 
-    On CUDA it synchronises before reading the clock, so a phase's kernels count in that phase.
+    Args (beside `FlowAlgorithm`'s):
+        credit: the credit settings (`tpgrpo.settings.CreditConfig`); ``credit.method`` None takes
+            ``default_credit``, the registered entry's rule ("tp" for tp-grpo, "outcome" for flow-grpo).
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.seconds: dict[str, float] = {}
+    setting_groups = ("credit",)
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        started = self._now()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + self._now() - started
-
-
-def transition_pairs(rows: Tensor, transitions: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """All (image, transition) pairs of ``rows`` and ``transitions``, transition-major: (M,), (M,)."""
-    rows = rows.flatten()
-    index = torch.as_tensor(list(transitions), dtype=torch.long, device=rows.device)
-    return rows.repeat(len(index)), index.repeat_interleave(rows.numel())
-
-
-class GRPOStep:
-    """Collects rollout batches of a flow model and gives the GRPO loss of their transitions.
-
-    Args:
-        flow: the frozen pipeline (`tpgrpo.families.FlowModel`).
-        transformer: the transformer to roll out and train (LoRA-wrapped, possibly sharded).
-        reward: ``reward(images, prompts, metadata) -> {"reward": (N,), ...}``.
-        sampling, credit, update: the settings groups (`tpgrpo.settings`).
-        seed: base seed of rollout noise and window draws.
-        collectives: cross-rank operations; None reads ``torch.distributed`` at each call.
-    """
-
-    def __init__(
-        self,
-        flow: FlowModel,
-        transformer: nn.Module,
-        reward: Callable[..., dict[str, Tensor]],
-        sampling: SamplingConfig,
-        credit: CreditConfig,
-        update: UpdateConfig,
-        seed: int = 0,
-        collectives: Collectives | None = None,
-    ):
-        self.flow = flow
-        self.transformer = transformer
-        self.reward = reward
-        self.sampling = sampling
+    def __init__(self, *args: Any, credit: CreditConfig = CreditConfig(), default_credit: str = "tp", **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.credit = credit
-        self.update = update
-        self.seed = seed
-        self.collectives = collectives
-        self._prompt_length_check: PromptLengthCheck | None = None
-        self.timings: dict[str, float] = {}  # seconds per phase of the last `collect`
+        self.rule = credit_rules.CREDITS[credit.method or default_credit]
 
-    @property
-    def device(self) -> torch.device:
-        return self.flow.device
-
-    def comm(self) -> Collectives:
-        """The collectives in use: the ones passed in, else those of ``torch.distributed``."""
-        return self.collectives or Collectives.from_process_group(self.device)
-
-    # ------------------------------------------------------------------------------ model pieces
-    def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
-        """Text embeddings (N rows), each distinct prompt encoded once; over-long prompts warn once per run."""
-        if self._prompt_length_check is None:
-            flow = self.flow
-            self._prompt_length_check = PromptLengthCheck(flow.pipe, flow.max_sequence_length, flow.sequence_tokenizers)
-        with self._prompt_length_check(prompts):
-            return self.flow.encode(list(prompts))
-
-    def velocity_fn(self, cond: PromptEmbeds, guidance: float, uncond: PromptEmbeds | None = None) -> VelocityFn:
-        """The rollout's ``velocity_fn(latents, sigma, rows)`` for the current policy (CFG inside;
-        ``uncond``: the unconditional rows, default the empty prompt's)."""
-
-        def velocity(latents: Tensor, sigma: float | Tensor, rows: Tensor) -> Tensor:
-            negative = uncond.index(rows) if uncond is not None else None
-            return self.flow.velocity(
-                latents, sigma, cond.index(rows), guidance_scale=guidance, uncond=negative, transformer=self.transformer
-            )
-
-        return velocity
-
-    def rollout_noise(self, group_ids: Tensor, step: Any) -> tuple[Tensor, Tensor]:
-        """Initial (N, C, h, w) and SDE-window (N, W, C, h, w) noise of a rollout batch.
-
-        Each image draws from its own seed ``(seed, step, group id, member)`` (the initial noise
-        from ``(seed, step, group id)`` with ``same_noise_per_group``), so an image gets the same
-        noise whichever rank or batch position it has: seeds differ per rank, runs are reproducible,
-        and N ranks compute what one process computes on the union of their batches.
-        """
-        shape = self.flow.latent_shape(self.sampling.resolution)
-        groups, members = group_ids.tolist(), credit_rules.group_members(group_ids).tolist()
-        initial, window = [], []
-        for group, member in zip(groups, members):
-            generator = torch.Generator().manual_seed(seed_for(self.seed, step, group, member))
-            if self.sampling.same_noise_per_group:
-                initial.append(torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(self.seed, step, group))))
-            else:
-                initial.append(torch.randn(shape, generator=generator))
-            window.append(torch.randn((self.sampling.window_size, *shape), generator=generator))
-        return torch.stack(initial).to(self.device), torch.stack(window).to(self.device)
-
-    def trained_transitions(self, result: Rollout) -> list[int]:
+    def trained_units(self, batch: RolloutBatch) -> list[int]:
         """The one place that decides which window transitions are trained: all of them."""
-        return list(range(result.window_size))
+        return list(range(batch.rollout.window_size))
 
     # ------------------------------------------------------------------------------ collect
     def credit_and_advantages(self, sequence: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -220,7 +112,7 @@ class GRPOStep:
         order = credit_rules.round_robin_order(group_ids) if credit.balance_scope == "minibatch" else None
         if order is not None:
             rows = rows[order]
-        rule = credit_rules.CREDITS[credit.method]
+        rule = self.rule
         settings = {
             "eta": credit.eta, "balance": credit.balance, "balance_chunk": credit.balance_minibatch,
             "num_steps": self.sampling.window_size,
@@ -270,7 +162,7 @@ class GRPOStep:
                 sampling.window_size,
                 sampling.noise_level,
                 kind=sampling.step_kind,
-                branches=credit_rules.CREDITS[self.credit.method].needs_branches,
+                branches=self.rule.needs_branches,
                 step_noise=step_noise,
                 branch_steps=self.credit.branch_steps,
                 max_batch=sampling.rollout_max_batch,
@@ -280,10 +172,7 @@ class GRPOStep:
         with timer("decode"):
             images = self.flow.decode(result.final_latents.flatten(0, 1))
         with timer("reward"):
-            scores = self.reward(
-                images, [p for p in prompts for _ in range(completions)], [m for m in metadata for _ in range(completions)]
-            )
-        scores = {key: value.view(num_images, completions) for key, value in scores.items()}
+            scores = self.score(images, prompts, metadata, completions)
         with timer("credit"):
             per_step, advantages, kept = self.credit_and_advantages(scores["reward"], group_ids)
         self.timings = timer.seconds
@@ -335,9 +224,3 @@ class GRPOStep:
         metrics["log_prob_diff"] = (log_prob.detach() - old_log_prob).abs().max()
         return loss, metrics
 
-    def loss_calls(self, rows: Tensor, transitions: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
-        """The (rows, transitions) pairs of a micro-batch, split into transformer calls of at most
-        ``update.max_latents_per_call`` latents (None: one call)."""
-        pair_rows, pair_transitions = transition_pairs(rows, transitions)
-        limit = self.update.max_latents_per_call or max(pair_rows.numel(), 1)
-        return list(zip(pair_rows.split(limit), pair_transitions.split(limit)))
