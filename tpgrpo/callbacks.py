@@ -34,12 +34,12 @@ from weakref import proxy
 
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.utilities import rank_zero_info
 
 from tpgrpo.ema import LoRAEMA
-from tpgrpo.images import image_grid
+from tpgrpo.images import image_grid, save_image
 from tpgrpo.lora import lora_state_dict, save_lora
 
 TMP_SUFFIX = ".tmp"
@@ -263,6 +263,30 @@ class LoRAExport(Callback):
         trainer.strategy.barrier("LoRAExport.export")
         self.last_export = target
         return target
+
+
+class PNGWriter(BasePredictionWriter):
+    """Writes ``predict``'s images as ``<folder>/<prompt index>_seed<seed>.png`` after each batch.
+
+    Reads the dictionary the module's ``predict_step`` returns (``images``, ``index``, ``seeds``,
+    ``real``; padding rows are skipped), replaces its images by the written paths, so a long
+    ``predict`` does not hold every image in memory.
+    """
+
+    def __init__(self, folder: str | Path):
+        super().__init__(write_interval="batch")
+        self.folder = Path(folder)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for image, index, seed, real in zip(prediction["images"], prediction["index"], prediction["seeds"], prediction["real"]):
+            if real:
+                path = self.folder / f"{int(index):05d}_seed{int(seed)}.png"
+                save_image(image, path)
+                paths.append(str(path))
+        prediction["images"] = None
+        prediction["paths"] = paths
 
 
 class ImageGrids(Callback):

@@ -1,8 +1,8 @@
 """Text embeddings of every prompt of a run, encoded once and kept on disk (``model.prompt_cache``).
 
 The text encoders of SD3.5 (T5-XXL above all) are larger than the transformer, yet they only
-turn a fixed set of prompts into embeddings. With the cache on, `TPGRPOModule.setup` encodes the
-run's prompt files (training and evaluation) once, each rank a share of them, writes the
+turn a fixed set of prompts into embeddings. With the cache on, `PromptCacheCallback` (which the
+module attaches) encodes the run's prompt files (training and evaluation) once, each rank a share of them, writes the
 embeddings as safetensors under ``<folder>/<key>/``, and moves the text encoders off the
 accelerator for the rest of the run; `FlowModel.encode` then reads the rows it needs.
 
@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -186,3 +187,40 @@ class EmbeddingCache:
                     f"the embedding cache {self.root} does not match the text encoders ({name} differs): "
                     "the weights changed at the same path; delete the folder to rebuild it"
                 )
+
+
+class PromptCacheCallback(Callback):
+    """The cache's lifecycle in a run: before fit, validate, test and predict, with the module's
+    ``prompt_cache.enabled``, encode the stage's prompt files once (each rank a share), check the
+    cache against the text encoders, read prompts from it from then on, and move the text encoders
+    off the accelerator (``release_text_encoders``). A stage whose prompts are cached already
+    (validation inside fit) reuses the cache."""
+
+    def _prepare(self, trainer, module) -> None:
+        settings, datamodule = module.prompt_cache, getattr(trainer, "datamodule", None)
+        if not settings.enabled or datamodule is None:
+            return
+        flow = module.flow
+        prompts = distinct_prompts([s.prompts for s in datamodule.prompt_sets.values()])
+        key = cache_key(model_fingerprint(flow, module.pretrained_path), prompts)
+        if flow.embedding_cache is not None and flow.embedding_cache.key == key:
+            return
+        cache = EmbeddingCache(settings.folder, key, prompts)
+        cache.build(flow, module.algorithm.comm(), settings.batch_size, barrier=trainer.strategy.barrier)
+        cache.open().check(flow, prompts[:2])
+        flow.embedding_cache = cache
+        if settings.release_text_encoders:
+            flow.release_text_encoders()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._prepare(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit":  # in fit, on_fit_start covered the validation prompts
+            self._prepare(trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._prepare(trainer, pl_module)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._prepare(trainer, pl_module)

@@ -10,7 +10,7 @@ must be the transformer's own. FSDP2 (``fully_shard``) keeps the names and works
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -169,4 +169,26 @@ def load_lora(
         raise UserInputError(
             f"the LoRA in {directory} does not fit this model: {len(result.unexpected_keys)} unexpected and "
             f"{len(missing)} missing LoRA weights (e.g. {(result.unexpected_keys or missing or ['no weights'])[0]})"
+        )
+
+
+def trainable_state(state_dict: Mapping[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of a checkpoint's ``state_dict`` that are ``module``'s trainable (LoRA) weights:
+    the frozen base comes from the pretrained model, not from checkpoints."""
+    trainable = set(trainable_parameters(module))
+    return {key: value for key, value in state_dict.items() if key in trainable}
+
+
+def check_checkpoint_fits(saved: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+    """One-line error unless the checkpoint's LoRA weights ``saved`` are exactly ``module``'s, in shape."""
+    own = trainable_parameters(module)
+    missing = sorted(set(own) - set(saved))
+    wrong = [(k, tuple(saved[k].shape), tuple(p.shape)) for k, p in own.items() if k in saved and saved[k].shape != p.shape]
+    if missing or wrong:
+        detail = f"{len(missing)} LoRA weights missing (e.g. {missing[0]})" if missing else (
+            f"{wrong[0][0]} has shape {wrong[0][1]}, the model {wrong[0][2]}"
+        )
+        raise UserInputError(
+            f"the checkpoint does not fit this model: {detail}; use the model settings it was trained "
+            "with (lora_rank, lora_targets, pretrained_path)"
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +17,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from tpgrpo import evaluation
-from tpgrpo.acceleration import compile_blocks, set_attention_backend
+from tpgrpo.acceleration import compile_blocks
 from tpgrpo.distributed import is_sharded, shard_transformer
 from tpgrpo.errors import UserInputError
-from tpgrpo.images import save_image
-from tpgrpo.lora import add_lora, full_tensor, lora_parameters, trainable_parameters
-from tpgrpo.families import FlowModel, load_flow_model
+from tpgrpo.callbacks import PNGWriter
+from tpgrpo.embedding_cache import PromptCacheCallback
+from tpgrpo.lora import check_checkpoint_fits, full_tensor, lora_parameters, trainable_state
+from tpgrpo.policy import build_policy
+from tpgrpo.families import FlowModel
 from tpgrpo.settings import (
     ComputeConfig,
     PromptCacheConfig,
@@ -154,22 +155,11 @@ class TPGRPOModule(LightningModule):
         self.strict_loading = False  # checkpoints hold the LoRA and training state, not the frozen base
         self.bad_steps = 0  # consecutive skipped steps
         self.skipped_steps = 0
-        self.flow: FlowModel = load_flow_model(
-            pretrained_path,
-            family=family,
-            dtype=dtype,
-            max_sequence_length=max_sequence_length,
-            offload_text_encoders=offload_text_encoders,
-            decode_batch_size=self.sampling.decode_batch_size,
+        self.flow: FlowModel = build_policy(
+            pretrained_path, family, dtype, max_sequence_length, offload_text_encoders, self.sampling.decode_batch_size,
+            self.lora, self.update_config.gradient_checkpointing, self.compute,
         )
         self.transformer = self.flow.transformer
-        add_lora(
-            self.transformer, rank=self.lora.rank, alpha=self.lora.alpha, target_modules=self.lora.targets,
-            family=self.flow.family,
-        )
-        if self.update_config.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        set_attention_backend(self.transformer, self.compute.attention_backend)
         self._compiled = False
         self.pretrained_path = pretrained_path
         self.reward = build_rewards(self.reward_specs)
@@ -360,40 +350,10 @@ class TPGRPOModule(LightningModule):
         for key, value in summary.summaries.items():
             self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=True)
 
-    # ------------------------------------------------------------------------------ text embeddings
-    def _cache_embeddings(self) -> None:
-        """With ``prompt_cache.enabled``: encode the stage's prompt files once (each rank a share),
-        check the cache against the text encoders, read prompts from it from now on, and move the
-        text encoders off the accelerator (``release_text_encoders``)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not self.prompt_cache.enabled or datamodule is None:
-            return
-        from tpgrpo.embedding_cache import EmbeddingCache, cache_key, distinct_prompts, model_fingerprint
-
-        prompts = distinct_prompts([s.prompts for s in datamodule.prompt_sets.values()])
-        key = cache_key(model_fingerprint(self.flow, self.pretrained_path), prompts)
-        current = self.flow.embedding_cache
-        if current is not None and current.key == key:
-            return
-        cache = EmbeddingCache(self.prompt_cache.folder, key, prompts)
-        cache.build(self.flow, self.algorithm.comm(), self.prompt_cache.batch_size, barrier=self.trainer.strategy.barrier)
-        cache.open().check(self.flow, prompts[:2])
-        self.flow.embedding_cache = cache
-        if self.prompt_cache.release_text_encoders:
-            self.flow.release_text_encoders()
-
-    def on_fit_start(self) -> None:
-        self._cache_embeddings()
-
-    def on_validation_start(self) -> None:
-        if self.trainer.state.fn != "fit":  # in fit, on_fit_start covered the validation prompts
-            self._cache_embeddings()
-
-    def on_test_start(self) -> None:
-        self._cache_embeddings()
-
-    def on_predict_start(self) -> None:
-        self._cache_embeddings()
+    # ------------------------------------------------------------------------------ evaluation hooks
+    def configure_callbacks(self) -> list:
+        """The module's own callbacks: the prompt-embedding cache's lifecycle and the PNG writer of ``predict``."""
+        return [PromptCacheCallback(), PNGWriter(self.evaluation.predict_dir)]
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
@@ -413,24 +373,15 @@ class TPGRPOModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish_eval("test")
 
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[str]:
-        out = Path(self.evaluation.predict_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Samples of the batch's prompts and seeds, for `tpgrpo.callbacks.PNGWriter`."""
         images = self.sample(batch["prompts"], batch["seeds"])
-        paths = []
-        for image, index, seed, real in zip(images, batch["index"], batch["seeds"], self._real_rows(batch)):
-            if not real:
-                continue
-            path = out / f"{int(index):05d}_seed{int(seed)}.png"
-            save_image(image, path)
-            paths.append(str(path))
-        return paths
+        return {"images": images, "index": batch["index"], "seeds": batch["seeds"], "real": self._real_rows(batch)}
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable (LoRA) weights: the frozen base comes from ``pretrained_path``."""
-        trainable = set(trainable_parameters(self))
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], self)
         from tpgrpo.rng import rng_states
 
         # counters that are logged, and the global RNGs (rollouts use their own seeded generators)
@@ -442,20 +393,8 @@ class TPGRPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's LoRA fits this model (loading is not strict), restore counters and RNGs."""
-        own = trainable_parameters(self)
-        saved = checkpoint.get("state_dict")
-        if saved is None:  # fsdp2 loads the weights itself and passes on the rest
-            saved = dict(own)
-        missing = sorted(set(own) - set(saved))
-        wrong = [(k, tuple(saved[k].shape), tuple(p.shape)) for k, p in own.items() if k in saved and saved[k].shape != p.shape]
-        if missing or wrong:
-            detail = f"{len(missing)} LoRA weights missing (e.g. {missing[0]})" if missing else (
-                f"{wrong[0][0]} has shape {wrong[0][1]}, the model {wrong[0][2]}"
-            )
-            raise UserInputError(
-                f"the checkpoint does not fit this model: {detail}; use the model settings it was trained "
-                "with (lora_rank, lora_targets, pretrained_path)"
-            )
+        if checkpoint.get("state_dict") is not None:  # fsdp2 loads the weights itself and passes none on
+            check_checkpoint_fits(checkpoint["state_dict"], self)
         from tpgrpo.rng import set_rng_states
 
         state = checkpoint.get("tpgrpo", {})

@@ -429,6 +429,7 @@ def parse_eval_rewards(eval_rewards: Mapping[str, Any] | None, training: Sequenc
 GROUPS: dict[str, type] = {
     "sampling": SamplingConfig,
     "credit": CreditConfig,
+    "nft": NFTConfig,
     "update": UpdateConfig,
     "optimizer": OptimizerConfig,
     "lora": LoRAConfig,
