@@ -19,33 +19,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tpgrpo import credit as credit_rules
 from tpgrpo.lora import lora_parameters
-from tpgrpo.algorithms import RolloutBatch, transition_pairs
+from tpgrpo.algorithms import RolloutBatch
 
 
 def policy_gradient(module: Any, batch: RolloutBatch, advantages: Tensor | None = None) -> list[Tensor]:
     """Gradient of the first optimizer step's loss over all active images, one flat tensor per trained transition.
 
     ``module`` is a `tpgrpo.module.TPGRPOModule`, ``batch`` what its ``collect`` returned;
-    ``advantages`` (N, W) replaces the batch's (e.g. shuffled, for the noise floor). At the first
-    step the ratio is exactly 1, so this is the plain policy gradient of spec §4, with the loss
-    normalised as the update normalises it (`GRPO.loss` over the batch's active images, a
-    mean over all its images). Each tensor concatenates the gradients of
-    `tpgrpo.lora.named_lora_parameters`, in that order. The LoRA gradients are left cleared.
+    ``advantages`` (N, W) replaces the batch's (e.g. shuffled, for the noise floor). The loss is the
+    one the update takes in a single optimizer step, weighted as the algorithm's plan weights it
+    (`tpgrpo.algorithms.plan_update`: a mean over the active images and the transitions), split by
+    transition, so the tensors add up to that step's gradient. At the first step the ratio is
+    exactly 1, so this is the plain policy gradient of spec §4. Each tensor concatenates the
+    gradients of `tpgrpo.lora.named_lora_parameters`, in that order. The LoRA gradients are left cleared.
     """
-    step = module.algorithm
+    algorithm = module.algorithm
     if advantages is not None:
         batch = batch.with_advantages(advantages)
     params = lora_parameters(module.transformer)
-    rows = credit_rules.active_rows(batch.advantages).nonzero().flatten()
+    (plan,) = algorithm.plan(batch, 1)
     gradients = []
-    for index in step.trained_units(batch):
+    for index in algorithm.trained_units(batch):
         for param in params:
             param.grad = None
-        if rows.numel():
-            loss, _ = step.loss(batch, *transition_pairs(rows, [index]))
-            (loss * rows.numel() / len(batch)).backward()
+        for call in plan.calls:
+            chosen = call.units == index
+            if call.padding or not chosen.any():
+                continue
+            loss, _ = algorithm.loss(batch, call.rows[chosen], call.units[chosen])
+            (loss * call.weight * int(chosen.sum()) / call.rows.numel()).backward()
         gradients.append(torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float() for p in params
         ]))
