@@ -210,7 +210,7 @@ def test_nft_batch_holds_clean_latents_times_noise_and_old_velocities(nft_collec
     sigma = batch.sigmas[units].view(-1, 1, 1, 1)
     torch.testing.assert_close(noisy, (1 - sigma) * batch.clean[rows] + sigma * batch.noise[rows, units])
     with torch.no_grad():
-        velocity = model.algorithm.velocity_fn(batch.cond, model.sampling.guidance_scale)(noisy, batch.sigmas[units], rows)
+        velocity = model.algorithm.velocity_fn(batch.cond, model.nft.guidance_scale)(noisy, batch.sigmas[units], rows)
     torch.testing.assert_close(velocity, batch.old_velocity[rows, units], rtol=1e-5, atol=1e-6)
     assert model.algorithm.trained_rows(batch).all()  # zero advantages still train (r = 1/2)
 
@@ -223,7 +223,7 @@ def test_nft_loss_of_a_call_is_the_formula_over_its_pairs(nft_collected):
     loss, metrics = model.algorithm.loss(batch, rows, units)
     noisy = batch.noisy(rows, units)
     with torch.no_grad():
-        velocity = model.algorithm.velocity_fn(batch.cond, model.sampling.guidance_scale)(noisy, batch.sigmas[units], rows)
+        velocity = model.algorithm.velocity_fn(batch.cond, model.nft.guidance_scale)(noisy, batch.sigmas[units], rows)
     r = optimality(batch.advantages[rows, units], 5.0)
     by_hand = 5.0 * _by_hand(velocity, batch.old_velocity[rows, units], noisy, batch.clean[rows], batch.sigmas[units], r, 1.0).mean()
     # the LoRA starts at zero: the policy is the reference, so the KL term is 0

@@ -136,6 +136,19 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(reference, tmp_path, t
     )
 
 
+def test_diffusion_nft_resumes_exactly(tmp_path, tiny_model_dir, prompts2):
+    """DiffusionNFT stopped after one batch and resumed equals a run of two batches: metrics and weights."""
+    nft = ("--model.algorithm=diffusion-nft", "--ema=null")
+    full = build_cli(fit_args(tmp_path / "full", tiny_model_dir, prompts2, "--trainer.max_steps=4", *nft))
+    build_cli(fit_args(tmp_path / "cut", tiny_model_dir, prompts2, "--trainer.max_steps=2", *nft))
+    resumed = build_cli(fit_args(tmp_path / "cut", tiny_model_dir, prompts2, "--trainer.max_steps=4", "--ckpt_path=last", *nft))
+    assert resumed.trainer.global_step == 4
+    metrics = scalars(tmp_path / "full" / "logs")
+    assert len(metrics["train/old_deviation"]) == 2
+    assert_same_metrics(metrics, scalars(tmp_path / "cut" / "logs"))
+    assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(resumed.model.transformer))
+
+
 def test_same_seed_same_metrics(reference, tmp_path, tiny_model_dir, prompts2):
     """Determinism: the same config and seed on the same machine give identical metrics and weights."""
     full, full_root = reference

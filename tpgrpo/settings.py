@@ -175,12 +175,20 @@ class NFTConfig:
     Args:
         beta: how far the implicit positive and negative policies step from the old one
             (``v± = v_old ± beta (v − v_old)``); the loss is divided by it.
+        guidance_scale: the guidance of DiffusionNFT's rollouts and of the velocity it trains; 1 (the
+            paper's CFG-free training) makes one transformer evaluation per step. It replaces
+            ``sampling.guidance_scale`` for this algorithm; evaluation keeps ``evaluation.guidance_scale``.
     """
 
     beta: float = 1.0
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check(_finite(self.beta) and self.beta > 0, f"nft.beta must be > 0 and finite, got {self.beta}")
+        _check(
+            _finite(self.guidance_scale) and self.guidance_scale >= 0,
+            f"nft.guidance_scale must be >= 0 and finite, got {self.guidance_scale}",
+        )
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ code (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py):
   training times and noise drawn then;
 * images are sampled with the configured SDE window (``model.sampling``), so a group's images differ
   even with the same initial noise; the reference samples with its own solver;
-* the velocity is trained with the rollout's guidance scale (the paper trains CFG-free: set
-  ``model.sampling.guidance_scale: 1`` for that).
+* rollouts and training use ``nft.guidance_scale``, 1 by default: the paper's CFG-free training
+  (with a scale above 1 both use that guided velocity).
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ class DiffusionNFT(FlowAlgorithm):
         initial_noise, step_noise = self.rollout_noise(group_ids, step)
         with timer("encode"):
             cond = self.encode(prompts)
-        velocity_fn = self.velocity_fn(cond, sampling.guidance_scale)
+        velocity_fn = self.velocity_fn(cond, self.nft.guidance_scale)
         sigmas = self.flow.sigmas(sampling.num_steps, sampling.resolution).to(self.device)
         was_training = self.transformer.training
         self.transformer.eval()
@@ -189,7 +189,7 @@ class DiffusionNFT(FlowAlgorithm):
         rows, units = rows.to(self.device), units.to(self.device)
         clip = self.credit.advantage_clip
         noisy, sigma = batch.noisy(rows, units), batch.sigmas[units]
-        velocity_fn = self.velocity_fn(batch.cond, self.sampling.guidance_scale)
+        velocity_fn = self.velocity_fn(batch.cond, self.nft.guidance_scale)
         velocity = velocity_fn(noisy, sigma, rows)
         old_velocity = batch.old_velocity[rows, units]
         r = optimality(batch.advantages[rows, units], clip)
