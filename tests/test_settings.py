@@ -195,3 +195,11 @@ def test_a_dotted_reward_option_keeps_the_rewards_other_options(capsys, form):
     # the task file's ocr options stay; the two set here change; a reward not in the config is added
     assert rewards["ocr"] == {**task, "weight": 0.5, "max_new_tokens": 8}
     assert rewards["pickscore"] == {"weight": 0.25}
+
+
+def test_the_policy_loss_is_named_from_its_registry():
+    from tpgrpo.credit import POLICY_LOSSES, clipped_policy_loss
+
+    assert POLICY_LOSSES["ppo-clip"] is clipped_policy_loss and UpdateConfig().policy_loss == "ppo-clip"
+    with pytest.raises(UserInputError, match=r"update.policy_loss must be one of \['ppo-clip'\], got 'dpo'"):
+        UpdateConfig(policy_loss="dpo")

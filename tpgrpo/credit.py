@@ -278,6 +278,22 @@ def active_rows(advantages: Tensor) -> Tensor:
     return (advantages != 0).any(dim=1)
 
 
+PolicyLoss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Decorator: make ``loss(log_prob_new, log_prob_old, advantages, clip_range, advantage_clip) ->
+    (loss, metrics)`` the policy loss ``name`` of the GRPO algorithms (``update.policy_loss``)."""
+
+    def add(fn: PolicyLoss) -> PolicyLoss:
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+@register_policy_loss("ppo-clip")
 def clipped_policy_loss(
     log_prob_new: Tensor,
     log_prob_old: Tensor,

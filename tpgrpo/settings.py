@@ -14,7 +14,7 @@ from typing import Any, TypeVar, Union
 
 import torch
 
-from tpgrpo.credit import CREDITS
+from tpgrpo.credit import CREDITS, POLICY_LOSSES
 from tpgrpo.errors import UserInputError
 from tpgrpo.rewards.base import validate_reward_weights
 from tpgrpo.sde import STEP_KINDS
@@ -196,6 +196,8 @@ class UpdateConfig:
     """The clipped GRPO update over one rollout batch.
 
     Args:
+        policy_loss: the GRPO algorithms' loss of the probability ratio (`tpgrpo.credit.POLICY_LOSSES`):
+            "ppo-clip" (spec §4).
         clip_range: PPO ratio clip ``ε``.
         kl_beta: weight ``β`` of the KL to the reference (the base model, adapter disabled).
         optimizer_steps_per_batch: optimizer steps over one rollout batch (its samples split evenly).
@@ -209,6 +211,7 @@ class UpdateConfig:
             (each is skipped with a warning) before training stops with an error.
     """
 
+    policy_loss: str = "ppo-clip"
     clip_range: float = 1e-5
     kl_beta: float = 1e-4
     optimizer_steps_per_batch: int = 2
@@ -219,6 +222,10 @@ class UpdateConfig:
     max_bad_steps: int = 5
 
     def __post_init__(self) -> None:
+        _check(
+            self.policy_loss in POLICY_LOSSES,
+            f"update.policy_loss must be one of {sorted(POLICY_LOSSES)}, got {self.policy_loss!r}",
+        )
         _check(0 < self.clip_range < 1, f"update.clip_range (PPO ε) must be in (0, 1), got {self.clip_range}")
         _check(_finite(self.kl_beta) and self.kl_beta >= 0, f"update.kl_beta must be >= 0 and finite, got {self.kl_beta}")
         _check(

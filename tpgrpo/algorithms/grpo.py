@@ -207,7 +207,7 @@ class GRPO(FlowAlgorithm):
         velocity_fn = self.velocity_fn(batch.cond, sampling.guidance_scale)
         velocity = velocity_fn(sample, sigma, rows)
         _, log_prob, mean = sde_step(velocity, sample, sigma, sigma_next, sampling.noise_level, sampling.step_kind, prev_sample=taken)
-        loss, metrics = credit_rules.clipped_policy_loss(
+        loss, metrics = credit_rules.POLICY_LOSSES[self.update.policy_loss](
             log_prob, old_log_prob, batch.advantages[rows, transitions], self.update.clip_range, advantage_clip=None
         )  # the advantages were clipped once, in `credit_and_advantages`
         if self.update.kl_beta > 0:
