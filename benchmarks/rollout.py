@@ -47,6 +47,7 @@ from torch import Tensor
 
 from tpgrpo.families.sd3 import SD35_MEDIUM_TRANSFORMER
 from tpgrpo.families import FlowModel, PromptEmbeds, SD3Model
+from tpgrpo.sde import step_kind
 from tpgrpo.settings import SamplingConfig, UpdateConfig
 from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
 from tpgrpo.algorithms import FlowAlgorithm
@@ -145,7 +146,7 @@ def compare_schedules(
     """Time `rollout_sequential` and `rollout` on the same rollout (same noise), best of ``repeats``."""
     common = dict(
         initial_latents=latents, sigmas=sigmas, window_start=args.window_start, window_size=args.window,
-        noise_level=args.noise_level, kind=args.kind,
+        step=step_kind(args.kind, args.noise_level),
     )
     runs = {
         "sequential": lambda: rollout_sequential(
@@ -344,7 +345,7 @@ def agreement_case(args: argparse.Namespace, device: torch.device) -> dict:
         latents = initial_latents(flow, args.group, args.seed + index)
         for m in [None, *args.branch_steps]:
             result = rollout(
-                velocity_fn, latents, sigmas, args.window_start, args.window, args.noise_level, args.kind,
+                velocity_fn, latents, sigmas, args.window_start, args.window, step_kind(args.kind, args.noise_level),
                 generator=torch.Generator(device).manual_seed(args.seed + index), branch_steps=m,
             )
             scores = completion_rewards(flow, reward, result.final_latents, prompts, metadata, args.decode_batch)

@@ -94,6 +94,7 @@ def test_compiled_blocks_give_the_eager_rollout(tiny_model_dir):
         pytest.skip(reason)
     from tpgrpo.families import FlowModel
     from tpgrpo.rollout import rollout
+    from tpgrpo.sde import step_kind
     from tpgrpo.tiny.components import load_pipeline
 
     flow = FlowModel.from_pipeline(load_pipeline(tiny_model_dir), max_sequence_length=1)
@@ -104,7 +105,7 @@ def test_compiled_blocks_give_the_eager_rollout(tiny_model_dir):
 
     noise = flow.initial_noise(2, 32, torch.Generator().manual_seed(0))
     step_noise = torch.randn(2, 2, *noise.shape[1:], generator=torch.Generator().manual_seed(1))
-    kwargs = dict(sigmas=flow.sigmas(3, 32), window_start=0, window_size=2, noise_level=0.7, step_noise=step_noise)
+    kwargs = dict(sigmas=flow.sigmas(3, 32), window_start=0, window_size=2, step=step_kind("cps", 0.7), step_noise=step_noise)
     with torch.no_grad():
         eager = rollout(velocity, noise, **kwargs)
         assert compile_blocks(flow.transformer) == 2

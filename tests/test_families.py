@@ -26,6 +26,7 @@ from tpgrpo.embedding_cache import EmbeddingCache, model_fingerprint
 from tpgrpo.errors import UserInputError
 from tpgrpo.lora import DEFAULT_TARGET_MODULES, add_lora, disabled_adapter, full_tensor
 from tpgrpo.memory import is_lora_target
+from tpgrpo.sde import step_kind
 from tpgrpo.families import (
     PIPELINE_FAMILIES,
     Flux2DevModel,
@@ -162,7 +163,7 @@ def test_the_rollout_engine_equals_the_sequential_reference(model):
             return model.velocity(latents, sigma, cond.index(rows), 4.0)
 
     start = model.initial_noise(2, RESOLUTION, torch.Generator().manual_seed(3))
-    args = (velocity_fn, start, model.sigmas(4, RESOLUTION), 0, 3, 0.7)
+    args = (velocity_fn, start, model.sigmas(4, RESOLUTION), 0, 3, step_kind("cps", 0.7))
     reference = rollout_sequential(*args, generator=torch.Generator().manual_seed(4))
     engine = rollout(*args, generator=torch.Generator().manual_seed(4), max_batch=5)
     assert engine.nfe_per_image < reference.nfe_per_image

@@ -484,8 +484,8 @@ def test_missing_config_file(tmp_path, capsys):
     [
         ("--model.sampling.num_steps=abc", 'Parser key "model.sampling.num_steps"'),
         ("--model.lora_rnk=3", "did you mean model.lora.rank?"),
-        ("--model.sampling.noise_level=0", "noise_level must be in (0, 1]"),
-        ("--model.sampling.noise_level=1.5", "noise_level must be in (0, 1]"),
+        ("--model.sampling.noise_level=0", "sampling.noise_level must be > 0"),
+        ("--model.sampling.noise_level=1.5", "sampling.noise_level of a 'cps' step must be in [0, 1], got 1.5"),
         ("--model.sampling.window_range=[2, 3]", "window_range (2, 3)"),
         ("--model.update.clip_range=0", "clip_range"),
         ("--model.update.clip_range=1.5", "clip_range"),

@@ -11,7 +11,7 @@ from tpgrpo.rollout import (
     sample_window_start,
     sequential_nfe,
 )
-from tpgrpo.sde import ode_step, sde_step
+from tpgrpo.sde import ode_step, sde_step, step_kind
 
 BATCH, CHANNELS, SIZE = 3, 4, 5
 
@@ -46,7 +46,8 @@ def initial_latents(seed: int = 1) -> torch.Tensor:
 def run_both(num_steps, start, size, *, seed=2, **kwargs):
     """Sequential reference and engine on the same inputs and the same noise seed."""
     max_batch = kwargs.pop("max_batch", None)
-    args = (initial_latents(), shifted_sigmas(num_steps), start, size)
+    step = step_kind(kwargs.pop("kind", "cps"), kwargs.pop("noise_level"))
+    args = (initial_latents(), shifted_sigmas(num_steps), start, size, step)
     seq_fn, eng_fn = ToyVelocity(), ToyVelocity()
     reference = rollout_sequential(seq_fn, *args, generator=torch.Generator().manual_seed(seed), **kwargs)
     engine = rollout(eng_fn, *args, generator=torch.Generator().manual_seed(seed), max_batch=max_batch, **kwargs)
@@ -56,7 +57,7 @@ def run_both(num_steps, start, size, *, seed=2, **kwargs):
 def run_engine(num_steps=6, start=1, size=4, noise_level=0.7, *, seed=0, velocity_fn=None, **kwargs):
     """The engine on the standard toy inputs, noise drawn from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    args = (initial_latents(), shifted_sigmas(num_steps), start, size, noise_level)
+    args = (initial_latents(), shifted_sigmas(num_steps), start, size, step_kind(kwargs.pop("kind", "cps"), noise_level))
     return rollout(velocity_fn or ToyVelocity(), *args, generator=generator, **kwargs)
 
 
@@ -131,7 +132,7 @@ def test_stored_transitions_replay_to_the_stored_log_probs():
     for i in range(4):
         sigma, sigma_next = float(out.trained_sigmas[i]), float(out.trained_sigmas_next[i])
         velocity = velocity_fn(out.states[:, i], sigma, rows)
-        _, log_prob, _ = sde_step(velocity, out.states[:, i], sigma, sigma_next, 0.7, prev_sample=out.states[:, i + 1])
+        _, log_prob, _ = sde_step(velocity, out.states[:, i], sigma, sigma_next, step_kind("cps", 0.7), prev_sample=out.states[:, i + 1])
         torch.testing.assert_close(log_prob, out.log_probs[:, i], atol=1e-5, rtol=1e-5)
 
 
@@ -161,7 +162,7 @@ def test_zero_noise_makes_every_completion_the_ode_solution(kind):
 def test_generator_and_step_noise_are_the_same_draw():
     step_noise = torch.randn((BATCH, 3, CHANNELS, SIZE, SIZE), generator=torch.Generator().manual_seed(9))
     drawn = run_engine(5, 1, 3, seed=9)
-    given = rollout(ToyVelocity(), initial_latents(), shifted_sigmas(5), 1, 3, 0.7, step_noise=step_noise)
+    given = rollout(ToyVelocity(), initial_latents(), shifted_sigmas(5), 1, 3, step_kind("cps", 0.7), step_noise=step_noise)
     assert_same_rollout(drawn, given)
     assert not torch.allclose(run_engine(5, 1, 3, seed=10).states, drawn.states)
 
@@ -220,7 +221,7 @@ def rollout_arguments(steps: int, window: int, change: dict) -> dict:
     """A toy rollout's arguments over ``steps`` shifted steps, a ``window`` from step 1, with ``change`` applied."""
     arguments = dict(
         velocity_fn=ToyVelocity(), initial_latents=initial_latents(), sigmas=shifted_sigmas(steps), window_start=1,
-        window_size=window, noise_level=0.7,
+        window_size=window, step=step_kind("cps", 0.7),
     )
     return {**arguments, **change}
 
@@ -302,7 +303,7 @@ def test_every_latent_gets_its_own_image_row(implementation):
     # with every completion due at a step in one call, so each call's rows are 0..4 repeated
     velocity_fn = RowRecorder()
     latents = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(0))
-    out = implementation(velocity_fn, latents, shifted_sigmas(4), 0, 2, 0.7, generator=torch.Generator().manual_seed(1))
+    out = implementation(velocity_fn, latents, shifted_sigmas(4), 0, 2, step_kind("cps", 0.7), generator=torch.Generator().manual_seed(1))
     assert all(rows == list(range(5)) * (len(rows) // 5) and len(rows) % 5 == 0 for rows in velocity_fn.rows)
     assert out.final_latents.shape == (5, 3, 2, 3, 3)
 
@@ -312,7 +313,7 @@ def test_one_image_counts_its_evaluations(implementation, nfe):
     # T = 4, s = 0, W = 2. Sequential: main 4 + baseline 4 + branch k=1 (4 - 1) = 11.
     # Engine: main 4 + baseline (4 - 1) + branch (4 - 1 - 1) = 9, each completion's first step reused.
     latents = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
-    out = implementation(RowRecorder(), latents, shifted_sigmas(4), 0, 2, 0.7, generator=torch.Generator().manual_seed(1))
+    out = implementation(RowRecorder(), latents, shifted_sigmas(4), 0, 2, step_kind("cps", 0.7), generator=torch.Generator().manual_seed(1))
     assert out.nfe_per_image == nfe and type(out.nfe_per_image) is int
 
 
@@ -348,7 +349,7 @@ def test_both_implementations_record_their_settings_in_float32():
     sigmas = shifted_sigmas(6).double()
     for implementation in (rollout_sequential, rollout):
         out = implementation(
-            ToyVelocity(), initial_latents(), sigmas, 1, 3, 0.7, generator=torch.Generator().manual_seed(0), branch_steps=2
+            ToyVelocity(), initial_latents(), sigmas, 1, 3, step_kind("cps", 0.7), generator=torch.Generator().manual_seed(0), branch_steps=2
         )
         assert out.sigmas.dtype == torch.float32 and out.branch_steps == 2
 
@@ -357,11 +358,11 @@ def test_window_noise_is_drawn_in_float32_under_another_default_dtype():
     # Lightning's "-true" precisions change the default dtype inside a step; the generator's draw must not follow it
     velocity_fn, latents, sigmas = ToyVelocity(), initial_latents(), shifted_sigmas(5)
     step_noise = torch.randn((BATCH, 3, CHANNELS, SIZE, SIZE), generator=torch.Generator().manual_seed(9))
-    given = rollout(velocity_fn, latents, sigmas, 1, 3, 0.7, step_noise=step_noise)
+    given = rollout(velocity_fn, latents, sigmas, 1, 3, step_kind("cps", 0.7), step_noise=step_noise)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        drawn = rollout(velocity_fn, latents, sigmas, 1, 3, 0.7, generator=torch.Generator().manual_seed(9))
+        drawn = rollout(velocity_fn, latents, sigmas, 1, 3, step_kind("cps", 0.7), generator=torch.Generator().manual_seed(9))
     finally:
         torch.set_default_dtype(previous)
     assert_same_rollout(drawn, given)

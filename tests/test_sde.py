@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tpgrpo.sde import kl_to_reference, ode_step, sde_step, step_std
+from tpgrpo.sde import kl_to_reference, ode_step, sde_step, step_kind
 
 
 def _state(batch=4, seed=0, dtype=torch.float32):
@@ -18,7 +18,7 @@ def test_sde_log_prob_matches_gaussian_density():
     x, v = _state()
     sigma, sigma_next, a = 0.8, 0.6, 0.7
     generator = torch.Generator().manual_seed(1)
-    sample, log_prob, mean = sde_step(v, x, sigma, sigma_next, a, kind="sde", generator=generator)
+    sample, log_prob, mean = sde_step(v, x, sigma, sigma_next, step_kind("sde", a), generator=generator)
     std = a * math.sqrt(sigma / (1 - sigma))
     dt = sigma_next - sigma
     expected_mean = x * (1 + std**2 * dt / (2 * sigma)) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
@@ -32,7 +32,7 @@ def test_cps_mean_and_log_prob_by_hand():
     x, v = _state()
     sigma, sigma_next, a = 0.9, 0.5, 0.7
     noise = torch.randn_like(x)
-    sample, log_prob, mean = sde_step(v, x, sigma, sigma_next, a, kind="cps", noise=noise)
+    sample, log_prob, mean = sde_step(v, x, sigma, sigma_next, step_kind("cps", a), noise=noise)
     std = sigma_next * math.sin(a * math.pi / 2)
     clean, pure_noise = x - sigma * v, x + (1 - sigma) * v
     expected_mean = (1 - sigma_next) * clean + math.sqrt(sigma_next**2 - std**2) * pure_noise
@@ -48,7 +48,7 @@ def test_cps_preserves_the_noise_coefficient():
     eps = torch.randn(20000, 1, generator=generator)
     sigma, sigma_next = 0.7, 0.4
     x = (1 - sigma) * x0 + sigma * eps
-    nxt, _, _ = sde_step(eps - x0, x, sigma, sigma_next, 0.9, kind="cps", generator=generator)
+    nxt, _, _ = sde_step(eps - x0, x, sigma, sigma_next, step_kind("cps", 0.9), generator=generator)
     residual = nxt - (1 - sigma_next) * x0
     assert float(residual.std()) == pytest.approx(sigma_next, rel=0.03)
 
@@ -56,7 +56,7 @@ def test_cps_preserves_the_noise_coefficient():
 @pytest.mark.parametrize("kind", ["cps", "sde"])
 def test_zero_noise_is_the_euler_step(kind):
     x, v = _state()
-    sample, log_prob, mean = sde_step(v, x, 0.6, 0.3, 0.0, kind=kind)
+    sample, log_prob, mean = sde_step(v, x, 0.6, 0.3, step_kind(kind, 0.0))
     torch.testing.assert_close(sample, x + v * (0.3 - 0.6))
     torch.testing.assert_close(mean, sample)
     torch.testing.assert_close(ode_step(v, x, 0.6, 0.3), sample)
@@ -67,8 +67,8 @@ def test_zero_noise_is_the_euler_step(kind):
 def test_stored_transition_is_returned_unchanged_and_scored_in_float32(kind):
     x, v = _state(dtype=torch.bfloat16)
     generator = torch.Generator().manual_seed(5)
-    sample, log_prob, _ = sde_step(v.float(), x.float(), 0.7, 0.5, 0.7, kind=kind, generator=generator)
-    again, log_prob_again, mean = sde_step(v, x, 0.7, 0.5, 0.7, kind=kind, prev_sample=sample)
+    sample, log_prob, _ = sde_step(v.float(), x.float(), 0.7, 0.5, step_kind(kind, 0.7), generator=generator)
+    again, log_prob_again, mean = sde_step(v, x, 0.7, 0.5, step_kind(kind, 0.7), prev_sample=sample)
     assert again is sample
     assert log_prob_again.dtype == torch.float32 and mean.dtype == torch.float32
     torch.testing.assert_close(log_prob_again, log_prob, atol=0.05, rtol=0.05)
@@ -79,18 +79,18 @@ def test_per_sample_sigmas_equal_scalar_sigmas():
     noise = torch.randn_like(x)
     sigmas = torch.tensor([0.9, 0.7, 0.5, 0.3])
     nexts = sigmas - 0.2
-    batched, lp, _ = sde_step(v, x, sigmas, nexts, 0.5, kind="sde", noise=noise)
+    batched, lp, _ = sde_step(v, x, sigmas, nexts, step_kind("sde", 0.5), noise=noise)
     for i in range(4):
-        single, lp_i, _ = sde_step(v[i : i + 1], x[i : i + 1], float(sigmas[i]), float(nexts[i]), 0.5, kind="sde", noise=noise[i : i + 1])
+        single, lp_i, _ = sde_step(v[i : i + 1], x[i : i + 1], float(sigmas[i]), float(nexts[i]), step_kind("sde", 0.5), noise=noise[i : i + 1])
         torch.testing.assert_close(batched[i : i + 1], single)
         torch.testing.assert_close(lp[i : i + 1], lp_i)
 
 
 def test_sigma_one_uses_next_sigma_in_denominator():
-    std = step_std(torch.tensor(1.0), torch.tensor(0.9), 0.7, kind="sde")
+    std = step_kind("sde", 0.7).std(torch.tensor(1.0), torch.tensor(0.9))
     assert float(std) == pytest.approx(0.7 * math.sqrt(1 / 0.1))
     x, v = _state()
-    _, log_prob, _ = sde_step(v, x, 1.0, 0.9, 0.7, kind="sde")
+    _, log_prob, _ = sde_step(v, x, 1.0, 0.9, step_kind("sde", 0.7))
     assert torch.isfinite(log_prob).all()
 
 
@@ -105,15 +105,19 @@ def test_kl_matches_formula_and_is_zero_for_equal_means():
 def test_bad_inputs_raise():
     x, v = _state()
     with pytest.raises(ValueError, match="kind"):
-        sde_step(v, x, 0.5, 0.4, 0.7, kind="ddim")
+        sde_step(v, x, 0.5, 0.4, step_kind("ddim", 0.7))
     with pytest.raises(ValueError, match="shape"):
-        sde_step(v[:2], x, 0.5, 0.4, 0.7)
+        sde_step(v[:2], x, 0.5, 0.4, step_kind("cps", 0.7))
     with pytest.raises(ValueError, match="sigma"):
-        sde_step(v, x, torch.tensor([0.5, 0.4]), 0.3, 0.7)
+        sde_step(v, x, torch.tensor([0.5, 0.4]), 0.3, step_kind("cps", 0.7))
     with pytest.raises(ValueError, match="smaller"):
-        sde_step(v, x, 0.4, 0.5, 0.7)
-    with pytest.raises(ValueError, match="noise_level"):
-        sde_step(v, x, 0.5, 0.4, 1.5, kind="cps")
+        sde_step(v, x, 0.4, 0.5, step_kind("cps", 0.7))
+    with pytest.raises(ValueError, match=r"noise_level of a 'cps' step must be in \[0, 1\], got 1.5"):
+        step_kind("cps", 1.5)
+    with pytest.raises(ValueError, match=r"noise_level of a 'sde' step must be in \[0, inf\], got -0.1"):
+        step_kind("sde", -0.1)
+    with pytest.raises(TypeError, match="step must be a StepKind"):
+        sde_step(v, x, 0.5, 0.4, 0.7)
 
 
 @pytest.mark.parametrize("kind", ["cps", "sde"])
@@ -123,8 +127,8 @@ def test_outputs_stay_float32_under_another_default_dtype(kind):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        sample, log_prob, mean = sde_step(v, x, 0.8, 0.6, 0.7, kind=kind, generator=torch.Generator().manual_seed(7))
-        outputs = [sample, log_prob, mean, ode_step(v, x, 0.8, 0.6), step_std(0.8, 0.6, 0.7, kind), kl_to_reference(x, v, 0.25)]
+        sample, log_prob, mean = sde_step(v, x, 0.8, 0.6, step_kind(kind, 0.7), generator=torch.Generator().manual_seed(7))
+        outputs = [sample, log_prob, mean, ode_step(v, x, 0.8, 0.6), step_kind(kind, 0.7).std(0.8, 0.6), kl_to_reference(x, v, 0.25)]
     finally:
         torch.set_default_dtype(previous)
     assert [t.dtype for t in outputs] == [torch.float32] * len(outputs)
@@ -133,7 +137,7 @@ def test_outputs_stay_float32_under_another_default_dtype(kind):
 @pytest.mark.parametrize("kind", ["cps", "sde"])
 def test_step_std_is_float32_for_float64_sigmas(kind):
     sigma, sigma_next = torch.tensor([0.8], dtype=torch.float64), torch.tensor([0.6], dtype=torch.float64)
-    std = step_std(sigma, sigma_next, 0.7, kind)
+    std = step_kind(kind, 0.7).std(sigma, sigma_next)
     assert std.dtype == torch.float32
     expected = 0.6 * math.sin(0.7 * math.pi / 2) if kind == "cps" else 0.7 * math.sqrt(0.8 / 0.2)
     assert float(std) == pytest.approx(expected, rel=1e-6)
@@ -142,14 +146,14 @@ def test_step_std_is_float32_for_float64_sigmas(kind):
 def test_float64_per_sample_sigmas_give_float32_results():
     x, v = _state(batch=2)
     sigmas, nexts = torch.tensor([0.9, 0.7], dtype=torch.float64), torch.tensor([0.5, 0.4], dtype=torch.float64)
-    sample, log_prob, mean = sde_step(v, x, sigmas, nexts, 0.5, kind="cps", noise=torch.randn_like(x))
+    sample, log_prob, mean = sde_step(v, x, sigmas, nexts, step_kind("cps", 0.5), noise=torch.randn_like(x))
     assert (sample.dtype, log_prob.dtype, mean.dtype) == (torch.float32,) * 3
 
 
 def test_the_generator_draws_the_noise():
     x, v = _state()
     sigma, sigma_next, a = 0.9, 0.5, 0.7
-    sample, _, mean = sde_step(v, x, sigma, sigma_next, a, kind="cps", generator=torch.Generator().manual_seed(7))
+    sample, _, mean = sde_step(v, x, sigma, sigma_next, step_kind("cps", a), generator=torch.Generator().manual_seed(7))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(sample, mean + sigma_next * math.sin(a * math.pi / 2) * noise)
 
@@ -158,7 +162,7 @@ def test_cps_at_full_noise_level_keeps_only_the_clean_estimate():
     # a = 1: std = σ'·sin(π/2) = σ', so sqrt(σ'² - std²) = 0 and mean = (1 - σ')·(x - σ·v)
     x, v = _state()
     noise = torch.randn_like(x)
-    sample, _, mean = sde_step(v, x, 0.9, 0.5, 1.0, kind="cps", noise=noise)
+    sample, _, mean = sde_step(v, x, 0.9, 0.5, step_kind("cps", 1.0), noise=noise)
     torch.testing.assert_close(mean, 0.5 * (x - 0.9 * v))
     torch.testing.assert_close(sample, mean + 0.5 * noise)
 
@@ -166,7 +170,7 @@ def test_cps_at_full_noise_level_keeps_only_the_clean_estimate():
 def test_equal_sigmas_raise():
     x, v = _state()
     with pytest.raises(ValueError, match="smaller"):
-        sde_step(v, x, 0.5, 0.5, 0.7)
+        sde_step(v, x, 0.5, 0.5, step_kind("cps", 0.7))
 
 
 def test_kl_of_a_zero_noise_step_has_zero_gradient():
@@ -185,7 +189,7 @@ def test_the_noise_is_drawn_in_float32_under_another_default_dtype():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        sample, _, mean = sde_step(v, x, 0.9, 0.5, 0.7, kind="cps", generator=torch.Generator().manual_seed(7))
+        sample, _, mean = sde_step(v, x, 0.9, 0.5, step_kind("cps", 0.7), generator=torch.Generator().manual_seed(7))
     finally:
         torch.set_default_dtype(previous)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float32)

@@ -7,6 +7,7 @@ import pytest
 
 from tpgrpo.cli import main
 from tpgrpo.errors import UserInputError
+from tpgrpo.sde import step_kind
 from tpgrpo.settings import (
     GROUPS,
     CreditConfig,
@@ -37,7 +38,8 @@ def test_defaults_are_the_spec_recipe():
 @pytest.mark.parametrize(
     "cls, values, message",
     [
-        (SamplingConfig, {"noise_level": 0.0}, "sampling.noise_level must be in (0, 1]"),
+        (SamplingConfig, {"noise_level": 0.0}, "sampling.noise_level must be > 0"),
+        (SamplingConfig, {"noise_level": 1.2}, "sampling.noise_level of a 'cps' step must be in [0, 1], got 1.2"),
         (SamplingConfig, {"noise_level": math.nan}, "sampling.noise_level"),
         (SamplingConfig, {"num_steps": 4, "window_size": 5}, "sampling.window_size (5) must be between 1 and 3, the steps with noise of 4 'cps' steps"),
         (SamplingConfig, {"num_steps": 6, "window_size": 2, "window_range": (2, 3)}, "sampling.window_range (2, 3)"),
@@ -79,6 +81,8 @@ def test_window_range_defaults_to_the_steps_with_noise():
     # cps: the step into sigma 0 has std = sigma_next·sin(a·π/2) = 0; sde: std·sqrt(-dt) > 0 at every step
     assert SamplingConfig(num_steps=10, window_size=9).window_range == (0, 9)
     assert SamplingConfig(num_steps=10, window_size=9, step_kind="sde").window_range == (0, 10)
+    # the step kind and its level are one value; an "sde" level above 1 is a valid, larger noise
+    assert SamplingConfig(step_kind="sde", noise_level=1.5).step == step_kind("sde", 1.5)
     assert SamplingConfig(num_steps=6, window_size=6, step_kind="sde", window_range=(0, 6)).window_range == (0, 6)
 
 
@@ -87,12 +91,10 @@ def _noise_of_each_step(config_path):
     import torch
     import yaml
 
-    from tpgrpo.sde import step_std
-
     sampling = SamplingConfig(**yaml.safe_load((ROOT / config_path).read_text())["model"]["sampling"])
     sigmas = torch.linspace(1.0, 0.0, sampling.num_steps + 1)
     lo, hi = sampling.window_range
-    stds = step_std(sigmas[lo:hi], sigmas[lo + 1 : hi + 1], sampling.noise_level, sampling.step_kind)
+    stds = sampling.step.std(sigmas[lo:hi], sigmas[lo + 1 : hi + 1])
     return stds if sampling.step_kind == "cps" else stds * (sigmas[lo:hi] - sigmas[lo + 1 : hi + 1]).sqrt()
 
 
@@ -176,7 +178,7 @@ def test_print_config_range_checks_values(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--config", "configs/sd3.yaml", "--model.sampling.noise_level=3", "--print_config"])
     assert stop.value.code == 2
-    assert "sampling.noise_level must be in (0, 1]" in capsys.readouterr().err
+    assert "sampling.noise_level of a 'cps' step must be in [0, 1], got 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("form", ["joined", "split"])

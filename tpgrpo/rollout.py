@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from tpgrpo.sde import ode_step, sde_step
+from tpgrpo.sde import StepKind, ode_step, sde_step
 
 VelocityFn = Callable[[Tensor, float, Tensor], Tensor]
 
@@ -281,8 +281,7 @@ def rollout_sequential(
     sigmas: Tensor,
     window_start: int,
     window_size: int,
-    noise_level: float,
-    kind: str = "cps",
+    step: StepKind,
     branches: bool = True,
     generator: torch.Generator | None = None,
     step_noise: Tensor | None = None,
@@ -295,7 +294,7 @@ def rollout_sequential(
         initial_latents: (B, C, h, w) initial noise ``x_0``.
         sigmas: (T+1,) strictly decreasing noise levels.
         window_start, window_size: ``s`` and ``W``; needs ``0 <= s`` and ``s + W <= T``.
-        noise_level: ``a`` of spec §1; ``kind``: "cps" or "sde".
+        step: the kind of stochastic step and its noise level ``a`` of spec §1 (`tpgrpo.sde.step_kind`).
         branches: compute the baseline and branches (TP-GRPO) or only the main trajectory
             (Flow-GRPO's outcome credit).
         generator: draws the (B, W, C, h, w) window noise when ``step_noise`` is None.
@@ -319,7 +318,7 @@ def rollout_sequential(
         if window_start <= j < window_end:
             states.append(sample)
             sample, log_prob, _ = sde_step(
-                velocity, sample, sigma_values[j], sigma_values[j + 1], noise_level, kind,
+                velocity, sample, sigma_values[j], sigma_values[j + 1], step,
                 noise=noise[:, j - window_start],
             )
             log_probs.append(log_prob)
@@ -369,8 +368,7 @@ def rollout(
     sigmas: Tensor,
     window_start: int,
     window_size: int,
-    noise_level: float,
-    kind: str = "cps",
+    step: StepKind,
     branches: bool = True,
     generator: torch.Generator | None = None,
     step_noise: Tensor | None = None,
@@ -425,7 +423,7 @@ def rollout(
                 live.append(leaving)
             states.append(sample)
             sample, log_prob, _ = sde_step(
-                velocity, sample, sigma_values[j], sigma_values[j + 1], noise_level, kind,
+                velocity, sample, sigma_values[j], sigma_values[j + 1], step,
                 noise=noise[:, j - window_start],
             )
             log_probs.append(log_prob)

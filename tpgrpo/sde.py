@@ -4,11 +4,11 @@ A denoising step goes from ``sample`` at noise level ``sigma`` to ``prev_sample`
 ``sigma_next < sigma`` (diffusers' naming: "prev" is the less noisy state). All maths runs in
 float32 whatever the input dtype; the functions are stateless (no scheduler step index).
 
-Two kinds of step:
+Two kinds of step (`StepKind`, each carrying its noise level ``a``):
 
-* ``"sde"`` (Flow-GRPO): ``std = a·sqrt(σ / (1 - σ))``, Gaussian transition with standard
+* ``"sde"`` (Flow-GRPO, `SDEStep`): ``std = a·sqrt(σ / (1 - σ))``, Gaussian transition with standard
   deviation ``std·sqrt(-dt)``; log-prob is the full Gaussian log-density.
-* ``"cps"`` (coefficients-preserving sampling, TP-GRPO's default): ``std = σ_next·sin(a·π/2)``;
+* ``"cps"`` (coefficients-preserving sampling, TP-GRPO's default, `CPSStep`): ``std = σ_next·sin(a·π/2)``;
   log-prob is ``-(x_next - mean)²`` with constants dropped (they cancel in the PPO ratio).
 
 Log-probs are averaged over all non-batch dimensions, as in the research code.
@@ -16,17 +16,11 @@ Log-probs are averaged over all non-batch dimensions, as in the research code.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
-
-STEP_KINDS = ("cps", "sde")
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in STEP_KINDS:
-        raise ValueError(f"unknown step kind {kind!r}; choose one of {STEP_KINDS}")
-
 
 def _per_sample(value: float | Tensor, batch: int, ndim: int, device: torch.device) -> Tensor:
     """A float or (B,) tensor as float32 of shape (B, 1, ..., 1) for broadcasting over ``ndim`` dims."""
@@ -42,25 +36,92 @@ def _mean_over_sample_dims(x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-def step_std(sigma: Tensor, sigma_next: Tensor, noise_level: float, kind: str = "cps") -> Tensor:
-    """Noise scale of one step, the ``std`` that the KL term divides by.
+@dataclass(frozen=True)
+class StepKind:
+    """A kind of stochastic step with its noise level ``a`` (spec §1): one value, checked once.
 
-    "sde": ``a·sqrt(σ / (1 - σ))`` with σ = 1 replaced by ``sigma_next`` in the denominator
-    (the next sigma below 1, as the research code does); the transition's standard deviation is
-    this times ``sqrt(-dt)``. "cps": ``σ_next·sin(a·π/2)``, the transition's standard deviation
-    itself. Shapes follow ``sigma``.
+    Subclasses give the noise scale (`std`), the transition's mean and standard deviation, and the
+    log-density of a taken step; `step_kind` builds one by name.
     """
-    _check_kind(kind)
-    if not 0.0 <= noise_level <= 1.0 and kind == "cps":
-        raise ValueError(f"noise_level must be in [0, 1] for 'cps', got {noise_level}")
-    if noise_level < 0:
-        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    sigma = torch.as_tensor(sigma, dtype=torch.float32)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sigma.device)
-    if kind == "cps":
-        return sigma_next * math.sin(noise_level * math.pi / 2)
-    denominator_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
-    return noise_level * torch.sqrt(sigma / (1.0 - denominator_sigma))
+
+    noise_level: float
+    name: ClassVar[str] = ""
+    max_noise_level: ClassVar[float] = math.inf
+    noiseless_into_zero: ClassVar[bool] = False  # a step into sigma 0 has no noise (no log-prob to train)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_level) and 0.0 <= self.noise_level <= self.max_noise_level):
+            raise ValueError(
+                f"noise_level of a {self.name!r} step must be in [0, {self.max_noise_level:g}], got {self.noise_level}"
+            )
+
+    def std(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        """Noise scale of one step, the ``std`` that the KL term divides by; shapes follow ``sigma``."""
+        raise NotImplementedError
+
+    def transition(self, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        """The mean and the standard deviation of the Gaussian transition from ``x``."""
+        raise NotImplementedError
+
+    def log_density(self, taken: Tensor, mean: Tensor, transition_std: Tensor) -> Tensor:
+        """Per-element log-density of ``taken`` (``transition_std`` never 0 here)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SDEStep(StepKind):
+    """Flow-GRPO's step: ``std = a·sqrt(σ / (1 - σ))`` with σ = 1 replaced by ``sigma_next`` in the
+    denominator (the next sigma below 1, as the research code does); the transition's standard
+    deviation is ``std·sqrt(-dt)``; the log-prob is the full Gaussian log-density."""
+
+    name: ClassVar[str] = "sde"
+
+    def std(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sigma.device)
+        denominator_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
+        return self.noise_level * torch.sqrt(sigma / (1.0 - denominator_sigma))
+
+    def transition(self, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        dt = s_next - s
+        mean = x * (1 + std**2 * dt / (2 * s)) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+        return mean, std * torch.sqrt(-dt)
+
+    def log_density(self, taken: Tensor, mean: Tensor, transition_std: Tensor) -> Tensor:
+        return -((taken - mean) ** 2) / (2 * transition_std**2) - torch.log(transition_std) - 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class CPSStep(StepKind):
+    """Coefficients-preserving sampling, TP-GRPO's default: ``std = σ_next·sin(a·π/2)``, the
+    transition's standard deviation itself; the log-prob is ``-(x_next - mean)²`` with constants
+    dropped (they cancel in the PPO ratio)."""
+
+    name: ClassVar[str] = "cps"
+    max_noise_level: ClassVar[float] = 1.0
+    noiseless_into_zero: ClassVar[bool] = True  # std = σ_next·sin(a·π/2) is 0 at σ_next = 0
+
+    def std(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32)
+        return sigma_next * math.sin(self.noise_level * math.pi / 2)
+
+    def transition(self, x: Tensor, v: Tensor, s: Tensor, s_next: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+        clean = x - s * v
+        noise_estimate = x + (1 - s) * v
+        return (1 - s_next) * clean + torch.sqrt((s_next**2 - std**2).clamp_min(0)) * noise_estimate, std
+
+    def log_density(self, taken: Tensor, mean: Tensor, transition_std: Tensor) -> Tensor:
+        return -((taken - mean) ** 2)
+
+
+STEP_KINDS: dict[str, type[StepKind]] = {"cps": CPSStep, "sde": SDEStep}
+
+
+def step_kind(name: str, noise_level: float) -> StepKind:
+    """The step ``name`` ("cps" or "sde") at ``noise_level``; ValueError for an unknown name or a level out of its range."""
+    if name not in STEP_KINDS:
+        raise ValueError(f"unknown step kind {name!r}; choose one of {tuple(STEP_KINDS)}")
+    return STEP_KINDS[name](noise_level)
 
 
 def sde_step(
@@ -68,8 +129,7 @@ def sde_step(
     sample: Tensor,
     sigma: float | Tensor,
     sigma_next: float | Tensor,
-    noise_level: float,
-    kind: str = "cps",
+    step: StepKind,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
@@ -80,8 +140,8 @@ def sde_step(
         velocity: (B, ...) predicted velocity ``v`` at ``sample`` (after guidance).
         sample: (B, ...) current state ``x`` at ``sigma``.
         sigma, sigma_next: floats or (B,) tensors with ``sigma_next < sigma``.
-        noise_level: ``a`` of spec §1; 0 gives the deterministic Euler step ``x + v·dt``.
-        kind: "cps" or "sde".
+        step: the kind of step and its noise level (`step_kind`); level 0 gives the deterministic
+            Euler step ``x + v·dt``.
         prev_sample: the action whose log-prob is wanted (a stored transition); when given it
             is returned unchanged and no noise is drawn.
         generator: random source for the noise when ``prev_sample`` and ``noise`` are None.
@@ -92,7 +152,8 @@ def sde_step(
         ``prev_sample`` unchanged), log-prob (B,) float32, and the transition mean (B, ...)
         float32. Steps with zero noise have log-prob 0 (they are deterministic).
     """
-    _check_kind(kind)
+    if not isinstance(step, StepKind):
+        raise TypeError(f"step must be a StepKind (tpgrpo.sde.step_kind), got {step!r}")
     if velocity.shape != sample.shape:
         raise ValueError(f"velocity {tuple(velocity.shape)} and sample {tuple(sample.shape)} differ in shape")
     if prev_sample is not None and prev_sample.shape != sample.shape:
@@ -104,17 +165,7 @@ def sde_step(
     s_next = _per_sample(sigma_next, batch, ndim, device)
     if bool((s_next >= s).any()):
         raise ValueError("sigma_next must be smaller than sigma (steps go from noise to image)")
-    std = step_std(s, s_next, noise_level, kind)
-    dt = s_next - s
-
-    if kind == "sde":
-        mean = x * (1 + std**2 * dt / (2 * s)) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
-        transition_std = std * torch.sqrt(-dt)
-    else:
-        clean = x - s * v
-        noise_estimate = x + (1 - s) * v
-        mean = (1 - s_next) * clean + torch.sqrt((s_next**2 - std**2).clamp_min(0)) * noise_estimate
-        transition_std = std
+    mean, transition_std = step.transition(x, v, s, s_next, step.std(s, s_next))
 
     if prev_sample is None:
         if noise is None:
@@ -128,13 +179,7 @@ def sde_step(
 
     deterministic = transition_std == 0
     safe_std = torch.where(deterministic, torch.ones_like(transition_std), transition_std)
-    if kind == "sde":
-        log_density = (
-            -((taken - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - 0.5 * math.log(2 * math.pi)
-        )
-    else:
-        log_density = -((taken - mean) ** 2)
-    log_density = torch.where(deterministic, torch.zeros_like(log_density), log_density)
+    log_density = torch.where(deterministic, 0.0, step.log_density(taken, mean, safe_std))
     return prev_sample, _mean_over_sample_dims(log_density), mean
 
 

@@ -17,7 +17,7 @@ import torch
 from tpgrpo.credit import CREDITS, POLICY_LOSSES
 from tpgrpo.errors import UserInputError
 from tpgrpo.rewards.base import validate_reward_weights
-from tpgrpo.sde import STEP_KINDS
+from tpgrpo.sde import STEP_KINDS, StepKind, step_kind
 
 
 def _check(condition: bool, message: str) -> None:
@@ -37,7 +37,7 @@ class SamplingConfig:
         resolution: image side in pixels.
         num_steps: denoising steps ``T`` of a training rollout.
         guidance_scale: classifier-free guidance during rollouts and training (1 disables CFG).
-        noise_level: ``a`` of the SDE step.
+        noise_level: ``a`` of the SDE step: in (0, 1] for "cps", > 0 for "sde".
         step_kind: "cps" (TP-GRPO default) or "sde" (Flow-GRPO).
         window_size: ``W``, number of stochastic (trained) steps.
         window_range: ``(lo, hi)`` steps the window may cover; the start is drawn from [lo, hi-W]. It may
@@ -59,9 +59,14 @@ class SamplingConfig:
     decode_batch_size: int = 16
 
     @property
+    def step(self) -> StepKind:
+        """The stochastic step of the window: its kind and noise level as one value (`tpgrpo.sde.step_kind`)."""
+        return step_kind(self.step_kind, self.noise_level)
+
+    @property
     def last_noisy_step(self) -> int:
         """Index of the last step whose transition has noise: a "cps" step into sigma 0 has none."""
-        return self.num_steps - 2 if self.step_kind == "cps" else self.num_steps - 1
+        return self.num_steps - 2 if STEP_KINDS[self.step_kind].noiseless_into_zero else self.num_steps - 1
 
     def __post_init__(self) -> None:
         _check(self.resolution > 0, f"sampling.resolution must be > 0, got {self.resolution}")
@@ -71,11 +76,16 @@ class SamplingConfig:
             f"sampling.guidance_scale must be >= 0 (1 disables guidance), got {self.guidance_scale}",
         )
         _check(
-            _finite(self.noise_level) and 0.0 < self.noise_level <= 1.0,
-            f"sampling.noise_level must be in (0, 1] (0 leaves no noise, so no log-probabilities to train), "
-            f"got {self.noise_level}",
+            self.step_kind in STEP_KINDS, f"sampling.step_kind must be one of {tuple(STEP_KINDS)}, got {self.step_kind!r}"
         )
-        _check(self.step_kind in STEP_KINDS, f"sampling.step_kind must be one of {STEP_KINDS}, got {self.step_kind!r}")
+        _check(
+            _finite(self.noise_level) and self.noise_level > 0,
+            f"sampling.noise_level must be > 0 (0 leaves no noise, so no log-probabilities to train), got {self.noise_level}",
+        )
+        try:
+            self.step
+        except ValueError as error:  # the step kind's own range
+            raise UserInputError(f"sampling.{error}") from None
         _check(
             1 <= self.window_size <= self.last_noisy_step + 1,
             f"sampling.window_size ({self.window_size}) must be between 1 and {self.last_noisy_step + 1}, the steps "

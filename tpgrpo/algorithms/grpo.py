@@ -19,7 +19,7 @@ from tpgrpo.algorithms.base import FlowAlgorithm, PhaseTimer, register_algorithm
 from tpgrpo.families import PromptEmbeds
 from tpgrpo.lora import disabled_adapter
 from tpgrpo.rollout import Rollout, rollout, sample_window_start
-from tpgrpo.sde import kl_to_reference, sde_step, step_std
+from tpgrpo.sde import kl_to_reference, sde_step
 from tpgrpo.settings import CreditConfig
 
 
@@ -160,8 +160,7 @@ class GRPO(FlowAlgorithm):
                 self.flow.sigmas(sampling.num_steps, sampling.resolution).to(self.device),
                 window_start,
                 sampling.window_size,
-                sampling.noise_level,
-                kind=sampling.step_kind,
+                sampling.step,
                 branches=self.rule.needs_branches,
                 step_noise=step_noise,
                 branch_steps=self.credit.branch_steps,
@@ -198,7 +197,7 @@ class GRPO(FlowAlgorithm):
         Returns the loss and detached metrics (ratio statistics, clip fraction, KL,
         ``log_prob_diff``: the largest |new - old| log-prob, 0 where rollout and update agree).
         """
-        result, sampling = batch.rollout, self.sampling
+        result, sampling, step = batch.rollout, self.sampling, self.sampling.step
         rows, transitions = rows.to(self.device), transitions.to(self.device)
         sigma = result.trained_sigmas.to(self.device)[transitions]
         sigma_next = result.trained_sigmas_next.to(self.device)[transitions]
@@ -206,7 +205,7 @@ class GRPO(FlowAlgorithm):
         old_log_prob = result.log_probs[rows, transitions]
         velocity_fn = self.velocity_fn(batch.cond, sampling.guidance_scale)
         velocity = velocity_fn(sample, sigma, rows)
-        _, log_prob, mean = sde_step(velocity, sample, sigma, sigma_next, sampling.noise_level, sampling.step_kind, prev_sample=taken)
+        _, log_prob, mean = sde_step(velocity, sample, sigma, sigma_next, step, prev_sample=taken)
         loss, metrics = credit_rules.POLICY_LOSSES[self.update.policy_loss](
             log_prob, old_log_prob, batch.advantages[rows, transitions], self.update.clip_range, advantage_clip=None
         )  # the advantages were clipped once, in `credit_and_advantages`
@@ -214,9 +213,9 @@ class GRPO(FlowAlgorithm):
             with torch.no_grad(), disabled_adapter(self.transformer):
                 reference_velocity = velocity_fn(sample, sigma, rows)
             _, _, reference_mean = sde_step(
-                reference_velocity, sample, sigma, sigma_next, sampling.noise_level, sampling.step_kind, prev_sample=taken
+                reference_velocity, sample, sigma, sigma_next, step, prev_sample=taken
             )
-            std = step_std(sigma, sigma_next, sampling.noise_level, sampling.step_kind)
+            std = step.std(sigma, sigma_next)
             kl = kl_to_reference(mean, reference_mean, std).mean()
             loss = loss + self.update.kl_beta * kl
             metrics["kl"] = kl.detach()

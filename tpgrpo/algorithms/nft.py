@@ -157,8 +157,8 @@ class DiffusionNFT(FlowAlgorithm):
         self.transformer.eval()
         with timer("rollout"):
             result = rollout(
-                velocity_fn, initial_noise, sigmas, window_start, sampling.window_size, sampling.noise_level,
-                kind=sampling.step_kind, branches=False, step_noise=step_noise, max_batch=sampling.rollout_max_batch,
+                velocity_fn, initial_noise, sigmas, window_start, sampling.window_size, sampling.step,
+                branches=False, step_noise=step_noise, max_batch=sampling.rollout_max_batch,
             )
             clean = result.final_latents[:, -1]
             times = sigmas[:-1]
