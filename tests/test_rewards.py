@@ -451,3 +451,17 @@ def test_weighted_sum_of_rewards_keeps_every_component():
     assert {"reward", "jpeg_compressibility", "shapes", "shapes/strict"} <= set(out)
     assert torch.allclose(out["reward"], out["jpeg_compressibility"] + 0.5 * out["shapes"])
     assert torch.equal(out["shapes"], ShapesReward()(images, prompts, records)["shapes"])
+
+
+def test_a_weighted_reward_holds_each_reward_with_its_weight():
+    from tpgrpo.rewards import RewardSpec
+
+    built = build_reward([RewardSpec("shapes", 2.0), RewardSpec("jpeg_compressibility", -0.5, {"quality": 90})])
+    assert [(name, term.weight) for name, term in built.terms.items()] == [("shapes", 2.0), ("jpeg_compressibility", -0.5)]
+    assert built.rewards["jpeg_compressibility"].quality == 90
+    images, prompts = random_images(2), PROMPTS[:2]
+    records = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": p} for p in prompts]
+    out = built(images, prompts, records)
+    torch.testing.assert_close(out["reward"], 2.0 * out["shapes"] - 0.5 * out["jpeg_compressibility"])
+    with pytest.raises(ValueError, match="options go inside the RewardSpecs"):
+        build_reward([RewardSpec("shapes", 1.0)], {"shapes": {}})

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar, Union
 
 import torch
 
 from tpgrpo.credit import CREDITS, POLICY_LOSSES
 from tpgrpo.errors import UserInputError
-from tpgrpo.rewards.base import validate_reward_weights
+from tpgrpo.rewards.base import RewardSpec, validate_reward_weights
 from tpgrpo.sde import STEP_KINDS, StepKind, step_kind
 
 
@@ -389,15 +389,6 @@ class PromptCacheConfig:
         _check(bool(str(self.folder).strip()), "prompt_cache.folder must be a folder path")
 
 
-@dataclass(frozen=True)
-class RewardSpec:
-    """One reward of the weighted total: its registered name, weight and keyword options."""
-
-    name: str
-    weight: float
-    options: dict[str, Any] = field(default_factory=dict)
-
-
 RewardsSetting = dict[str, Union[float, dict[str, Any]]]
 DEFAULT_REWARDS: RewardsSetting = {"shapes": 1.0}
 
@@ -520,18 +511,18 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def build_rewards(specs: Sequence[RewardSpec]):
     """The weighted reward (`tpgrpo.rewards.WeightedReward`) of the `parse_rewards` result ``specs``."""
-    return _built({s.name: s.weight for s in specs}, {s.name: s.options for s in specs if s.options})
+    return _built(specs)
 
 
 def build_eval_rewards(options: Mapping[str, Mapping[str, Any]]):
     """The evaluation rewards of a `parse_eval_rewards` result, as one `WeightedReward` (weights 1)."""
-    return _built({name: 1.0 for name in options}, {name: dict(o) for name, o in options.items() if o})
+    return _built([RewardSpec(name, 1.0, dict(o or {})) for name, o in options.items()])
 
 
-def _built(weights: Mapping[str, float], options: Mapping[str, Mapping[str, Any]]):
+def _built(specs: Sequence[RewardSpec]):
     from tpgrpo.rewards import build_reward
 
     try:
-        return build_reward(weights, options)
+        return build_reward(specs)
     except ValueError as error:
         raise UserInputError(str(error)) from None

@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -113,15 +114,39 @@ class Reward(torch.nn.Module):
         return {}
 
 
-class WeightedReward(torch.nn.Module):
-    """Weighted sum of several rewards; returns their entries plus ``"reward"``, the total."""
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward of the weighted total: its registered name, weight and keyword options."""
 
-    def __init__(self, rewards: Mapping[str, Reward], weights: Mapping[str, float]):
+    name: str
+    weight: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class WeightedTerm(torch.nn.Module):
+    """One reward of a `WeightedReward` with its weight."""
+
+    def __init__(self, reward: Reward, weight: float):
         super().__init__()
-        if not rewards:
+        self.reward = reward
+        self.weight = float(weight)
+
+
+class WeightedReward(torch.nn.Module):
+    """Weighted sum of several rewards; returns their entries plus ``"reward"``, the total.
+
+    ``terms``: each reward's name and `WeightedTerm` (reward and weight), in order.
+    """
+
+    def __init__(self, terms: Mapping[str, WeightedTerm]):
+        super().__init__()
+        if not terms:
             raise ValueError("at least one reward is needed")
-        self.rewards = torch.nn.ModuleDict(dict(rewards))
-        self.weights = dict(weights)
+        self.terms = torch.nn.ModuleDict(dict(terms))
+
+    @property
+    def rewards(self) -> dict[str, Reward]:
+        return {name: term.reward for name, term in self.terms.items()}
 
     @torch.no_grad()
     def forward(
@@ -129,13 +154,14 @@ class WeightedReward(torch.nn.Module):
     ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
-        for name, reward in self.rewards.items():
+        for name, term in self.terms.items():
+            reward = term.reward
             try:
                 scores = reward(images, prompts, metadata)
             except Exception as error:  # name the failing reward; keep the original cause
                 raise RuntimeError(f"reward {name!r} failed: {error}") from error
             main = scores[reward.name].to(device=total.device, dtype=torch.float32)
-            total = total + self.weights[name] * main
+            total = total + term.weight * main
             out.update({key: value.detach().float().to(total.device) for key, value in scores.items()})
         out["reward"] = total
         return out
@@ -210,17 +236,22 @@ def validate_reward_weights(weights: Mapping[str, float]) -> dict[str, float]:
     return checked
 
 
-def build_reward(weights: Mapping[str, float], options: Mapping[str, Mapping] | None = None) -> WeightedReward:
-    """Build the weighted reward of a config: ``{"shapes": 1.0, "jpeg_compressibility": 0.5}``.
-
-    ``options`` maps a reward name to keyword arguments of its class. Only the modules of the
-    named rewards are imported (`reward_class`); the weights are checked by `validate_reward_weights`.
+def build_reward(
+    rewards: Mapping[str, float] | Sequence[RewardSpec], options: Mapping[str, Mapping] | None = None
+) -> WeightedReward:
+    """Build the weighted reward of a config: ``{"shapes": 1.0, "jpeg_compressibility": 0.5}``
+    (weights checked by `validate_reward_weights`; ``options`` maps a reward name to keyword
+    arguments of its class), or of checked `RewardSpec`s (`tpgrpo.settings.parse_rewards`).
+    Only the modules of the named rewards are imported (`reward_class`).
     """
-    weights = validate_reward_weights(weights)
-    options = dict(options or {})
-    stray = sorted(set(options) - set(weights))
-    if stray:
-        raise RewardConfigError(f"options given for reward {stray[0]!r}, which is not in the rewards list")
-    classes = {name: reward_class(name) for name in weights}
-    rewards = {name: cls(**options.get(name, {})) for name, cls in classes.items()}
-    return WeightedReward(rewards, weights)
+    if isinstance(rewards, Mapping):
+        weights = validate_reward_weights(rewards)
+        options = dict(options or {})
+        stray = sorted(set(options) - set(weights))
+        if stray:
+            raise RewardConfigError(f"options given for reward {stray[0]!r}, which is not in the rewards list")
+        rewards = [RewardSpec(name, weight, dict(options.get(name, {}))) for name, weight in weights.items()]
+    elif options:
+        raise ValueError("options go inside the RewardSpecs")
+    classes = {spec.name: reward_class(spec.name) for spec in rewards}
+    return WeightedReward({spec.name: WeightedTerm(classes[spec.name](**spec.options), spec.weight) for spec in rewards})
