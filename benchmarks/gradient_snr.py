@@ -5,8 +5,8 @@
 Builds the model of the config (any ``train.py`` override after ``--``), takes ``--prompts``
 training prompts (drawn with ``--seed``; only those tagged ``--tag``, if given) × the config's group size, and rolls them out ``--batches`` times with
 independent noise. Each batch gives the plain policy gradient of its first optimizer step
-(`tpgrpo.diagnostics.policy_gradient`); the mean pairwise cosine of those gradients measures
-how much of a gradient is signal (see `tpgrpo.diagnostics`), and the same with the advantages
+(`tpgrpo.algorithms.diagnostics.policy_gradient`); the mean pairwise cosine of those gradients measures
+how much of a gradient is signal (see `tpgrpo.algorithms.diagnostics`), and the same with the advantages
 shuffled over the batch is the noise floor. Also per trained transition and per LoRA module kind.
 Writes ``benchmarks/results/gradient_snr.json`` (or ``--out``) and prints one summary line.
 """
@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.rollout import machine  # noqa: E402
 from tpgrpo.cli import build_cli  # noqa: E402
-from tpgrpo.evaluation import mean_and_stderr  # noqa: E402  (pairs share batches: a guide to the error, a little low)
-from tpgrpo.data import GroupBatches, PromptSet  # noqa: E402
-from tpgrpo.diagnostics import (  # noqa: E402
+from tpgrpo.training.evaluation import mean_and_stderr  # noqa: E402  (pairs share batches: a guide to the error, a little low)
+from tpgrpo.training.data import GroupBatches, PromptSet  # noqa: E402
+from tpgrpo.algorithms.diagnostics import (  # noqa: E402
     cosines_by_part,
     lora_module_kind,
     pairwise_cosines,

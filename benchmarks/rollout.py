@@ -13,7 +13,7 @@ and images per second, and checks that their final latents agree. Cases:
   and group are cut down (``--sd3-layers``, ``--sd3-resolution``, ``--sd3-group``); on CUDA the
   defaults are the real model at 512 px in bf16.
 * ``agreement``: the ``branch_steps`` approximation (fewer-step ODE completions) on the tiny
-  model: its NFE, and how its turning points (`tpgrpo.credit.turning_points`) agree with the
+  model: its NFE, and how its turning points (`tpgrpo.maths.credit.turning_points`) agree with the
   exact ones under the shapes reward.
 
 Times are the best of ``--repeats`` runs, sequential and engine alternating; besides the wall
@@ -47,9 +47,9 @@ from torch import Tensor
 
 from tpgrpo.families.sd3 import SD35_MEDIUM_TRANSFORMER
 from tpgrpo.families import FlowModel, PromptEmbeds, SD3Model
-from tpgrpo.sde import step_kind
+from tpgrpo.maths.sde import step_kind
 from tpgrpo.settings import SamplingConfig, UpdateConfig
-from tpgrpo.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
+from tpgrpo.maths.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
 from tpgrpo.algorithms import FlowAlgorithm
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # the benchmarks package, also when run as a script
@@ -304,7 +304,7 @@ def turning_point_agreement(exact: Sequence[Tensor], approximate: Sequence[Tenso
     exact, approximate and common flags with their Jaccard index, the fraction of incremental
     rewards ``d_t`` of the same sign, and the mean absolute reward error of the completions.
     """
-    from tpgrpo.credit import turning_points
+    from tpgrpo.maths.credit import turning_points
 
     agree = total = exact_flags = approx_flags = common = same_sign = 0
     reward_error = []

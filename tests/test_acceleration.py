@@ -93,8 +93,8 @@ def test_compiled_blocks_give_the_eager_rollout(tiny_model_dir):
     if not available:
         pytest.skip(reason)
     from tpgrpo.families import FlowModel
-    from tpgrpo.rollout import rollout
-    from tpgrpo.sde import step_kind
+    from tpgrpo.maths.rollout import rollout
+    from tpgrpo.maths.sde import step_kind
     from tpgrpo.tiny.components import load_pipeline
 
     flow = FlowModel.from_pipeline(load_pipeline(tiny_model_dir), max_sequence_length=1)

@@ -52,7 +52,7 @@ def test_the_plan_parts_micro_batches_and_padding_by_hand():
 
 def test_the_registry_names_three_algorithms_and_refuses_others(tiny_model_dir):
     from tpgrpo.errors import UserInputError
-    from tpgrpo.module import TPGRPOModule
+    from tpgrpo.training.module import TPGRPOModule
 
     assert {"tp-grpo", "flow-grpo", "diffusion-nft"} <= set(ALGORITHMS)
     assert ALGORITHMS["tp-grpo"].defaults == {"default_credit": "tp"}
@@ -76,7 +76,7 @@ def test_one_process_collectives_are_the_identity():
 @pytest.fixture(scope="module")
 def collected(tiny_model_dir):
     """A module with a non-zero LoRA (so every LoRA weight gets a gradient), KL on, and one rollout batch."""
-    from tpgrpo.module import TPGRPOModule
+    from tpgrpo.training.module import TPGRPOModule
 
     torch.manual_seed(0)
     model = TPGRPOModule(
@@ -181,7 +181,7 @@ def test_nft_loss_matches_the_formula_and_its_gradient_at_the_old_policy(beta):
 
 @pytest.fixture(scope="module")
 def nft_collected(tiny_model_dir):
-    from tpgrpo.module import TPGRPOModule
+    from tpgrpo.training.module import TPGRPOModule
 
     torch.manual_seed(0)
     model = TPGRPOModule(
@@ -194,7 +194,7 @@ def nft_collected(tiny_model_dir):
 
 
 def test_nft_batch_holds_clean_latents_times_noise_and_old_velocities(nft_collected):
-    from tpgrpo import credit
+    from tpgrpo.maths import credit
 
     model, batch = nft_collected
     sigmas = model.flow.sigmas(4, model.sampling.resolution)

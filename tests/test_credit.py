@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from tpgrpo.credit import (
+from tpgrpo.maths.credit import (
     active_rows,
     balance_turning_points,
     clipped_policy_loss,
@@ -461,7 +461,7 @@ def test_each_credit_rule_declares_what_it_needs_and_returns_its_turning_points(
 
     import tpgrpo.algorithms.grpo
     import tpgrpo.algorithms.nft
-    from tpgrpo.credit import CREDITS
+    from tpgrpo.maths.credit import CREDITS
 
     tp, outcome = CREDITS["tp"], CREDITS["outcome"]
     assert tp.needs_branches and tp.options == ("eta", "balance", "balance_chunk")

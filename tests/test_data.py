@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tpgrpo.data import (
+from tpgrpo.training.data import (
     EvalBatches,
     EvalSampler,
     GroupBatches,

@@ -1,10 +1,10 @@
-"""Policy-gradient agreement diagnostics (tpgrpo/diagnostics.py, benchmarks/gradient_snr.py)."""
+"""Policy-gradient agreement diagnostics (tpgrpo/algorithms/diagnostics.py, benchmarks/gradient_snr.py)."""
 import math
 
 import pytest
 import torch
 
-from tpgrpo.diagnostics import (
+from tpgrpo.algorithms.diagnostics import (
     cosines_by_part,
     lora_module_kind,
     pairwise_cosines,
@@ -73,7 +73,7 @@ def test_lora_module_kind_drops_block_index_and_adapter_name():
 def test_policy_gradient_is_the_gradient_of_the_first_step_loss(tiny_model_dir):
     """Per transition; linear in the advantages; a small step against it lowers the loss by ≈ step·|g|²."""
     from tpgrpo.lora import lora_parameters
-    from tpgrpo.module import TPGRPOModule
+    from tpgrpo.training.module import TPGRPOModule
 
     torch.manual_seed(0)
     model = TPGRPOModule(

@@ -32,7 +32,7 @@ def fit(tmp_path: Path, name: str, devices: int, strategy: str, *extra: str, con
         "--data.val_prompts=null", "--data.group_size=4", f"--data.prompts_per_step={4 // devices}",
         "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
         # the base EMA (tiny.yaml turns it off), updated every step so that the exported LoRA is its blend
-        "--ema={class_path: tpgrpo.ema.LoRAEMA, init_args: {decay: 0.5, every: 1}}",
+        "--ema={class_path: tpgrpo.training.ema.LoRAEMA, init_args: {decay: 0.5, every: 1}}",
         f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out / 'logs'}",
         f"--trainer.callbacks+={{class_path: tests.helpers.record.RecordSteps, init_args: {{directory: {out / 'steps'}}}}}",
@@ -185,9 +185,9 @@ def test_a_masked_family_on_two_fsdp2_ranks_computes_what_one_process_computes(t
 @pytest.mark.parametrize("scope", ["rank", "global"])
 def test_balance_scope_balances_over_this_rank_or_all_ranks(tiny_model_dir, scope):
     """Rank 0 of 2: "rank" balances its own rows alone, "global" balances them together with rank 1's."""
-    from tpgrpo import credit
+    from tpgrpo.maths import credit
     from tpgrpo.distributed import Collectives
-    from tpgrpo.module import TPGRPOModule
+    from tpgrpo.training.module import TPGRPOModule
 
     model = TPGRPOModule(pretrained_path=str(tiny_model_dir), sampling={"num_steps": 3, "window_size": 2}, credit={"balance_scope": scope})
     # this rank: two rising rows with a turning point at step 0; the other rank: one falling such row,
@@ -210,8 +210,8 @@ def test_balance_scope_balances_over_this_rank_or_all_ranks(tiny_model_dir, scop
 
 def test_minibatch_scope_balances_mini_batches_that_mix_prompts(tiny_model_dir):
     """The research code's scope: runs of 3 images taken one per prompt group in turn are balanced apart."""
-    from tpgrpo import credit
-    from tpgrpo.module import TPGRPOModule
+    from tpgrpo.maths import credit
+    from tpgrpo.training.module import TPGRPOModule
 
     model = TPGRPOModule(
         pretrained_path=str(tiny_model_dir), sampling={"num_steps": 3, "window_size": 2},

@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 from tpgrpo.docs import argument_help, config_reference
-from tpgrpo.module import TPGRPOModule
+from tpgrpo.training.module import TPGRPOModule
 from tpgrpo.settings import CreditConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""The text-embedding cache (tpgrpo/embedding_cache.py, model.prompt_cache)."""
+"""The text-embedding cache (tpgrpo/training/embedding_cache.py, model.prompt_cache)."""
 import json
 import threading
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tpgrpo.distributed import Collectives
-from tpgrpo.embedding_cache import EmbeddingCache, StaleCacheError, cache_key, distinct_prompts, model_fingerprint
+from tpgrpo.training.embedding_cache import EmbeddingCache, StaleCacheError, cache_key, distinct_prompts, model_fingerprint
 from tpgrpo.families import FlowModel
 
 PROMPTS = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle", "a photo of a circle and a square"]

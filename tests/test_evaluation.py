@@ -6,7 +6,7 @@ import torch
 def test_mean_and_stderr_against_the_formula():
     import math
 
-    from tpgrpo.evaluation import mean_and_stderr
+    from tpgrpo.training.evaluation import mean_and_stderr
 
     mean, stderr = mean_and_stderr(torch.tensor([1.0, 2.0, float("nan"), 4.0]))
     # values 1, 2, 4: mean 7/3, sample variance ((4/3)² + (1/3)² + (5/3)²) / 2 = 7/3
@@ -20,7 +20,7 @@ def test_summaries_come_from_the_rewards_over_all_ranks_images():
     import math
     from pathlib import Path
 
-    import tpgrpo.evaluation as evaluation
+    import tpgrpo.training.evaluation as evaluation
     from tpgrpo.distributed import Collectives
     from tpgrpo.rewards.geneval import geneval_summary
 

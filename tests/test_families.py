@@ -22,11 +22,11 @@ from tests.helpers.tiny_models import (
     tiny_zimage_pipeline,
 )
 from tpgrpo.distributed import Collectives, is_sharded, transformer_blocks
-from tpgrpo.embedding_cache import EmbeddingCache, model_fingerprint
+from tpgrpo.training.embedding_cache import EmbeddingCache, model_fingerprint
 from tpgrpo.errors import UserInputError
 from tpgrpo.lora import DEFAULT_TARGET_MODULES, add_lora, disabled_adapter, full_tensor
 from tpgrpo.memory import is_lora_target
-from tpgrpo.sde import step_kind
+from tpgrpo.maths.sde import step_kind
 from tpgrpo.families import (
     PIPELINE_FAMILIES,
     Flux2DevModel,
@@ -39,7 +39,7 @@ from tpgrpo.families import (
     load_flow_model,
     pack_2x2,
 )
-from tpgrpo.rollout import rollout, rollout_sequential
+from tpgrpo.maths.rollout import rollout, rollout_sequential
 
 PROMPTS = ["a photo of two red circles", "a blue square"]
 RESOLUTION = 32

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e  # end-to-end runs: `make test-fast` leaves them ou
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "tpgrpo" / "tiny" / "MODEL_CARD.md",
         *(ROOT / "docs" / name for name in ("lab_notes.md", "benchmarks.md", "scaling.md", "memory.md", "tasks.md",
-                                             "models.md", "reproducing.md"))]
+                                             "models.md", "reproducing.md", "algorithms.md"))]
 COMMAND_START = re.compile(r"^(python|make|tensorboard|torchrun|srun|sbatch) ")
 
 # Shortened training: 1 rollout batch of 2 prompts × 4 images, 3 steps, a small evaluation.

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from test_train import cli_args
 from torch.utils.data import DataLoader
 
-from tpgrpo.callbacks import AtomicCheckpoint, LoRAExport
+from tpgrpo.training.callbacks import AtomicCheckpoint, LoRAExport
 from tpgrpo.cli import build_cli, main
-from tpgrpo.ema import LoRAEMA
+from tpgrpo.training.ema import LoRAEMA
 from tpgrpo.errors import UserInputError
 from tpgrpo.lora import lora_state_dict
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tpgrpo.rollout import (
+from tpgrpo.maths.rollout import (
     Rollout,
     completion_grid,
     minimum_nfe,
@@ -11,7 +11,7 @@ from tpgrpo.rollout import (
     sample_window_start,
     sequential_nfe,
 )
-from tpgrpo.sde import ode_step, sde_step, step_kind
+from tpgrpo.maths.sde import ode_step, sde_step, step_kind
 
 BATCH, CHANNELS, SIZE = 3, 4, 5
 
@@ -243,8 +243,8 @@ def test_rollout_rejects_bad_arguments(change, match):
 
 
 def test_ode_sample_is_the_euler_loop():
-    from tpgrpo.rollout import ode_sample
-    from tpgrpo.sde import ode_step
+    from tpgrpo.maths.rollout import ode_sample
+    from tpgrpo.maths.sde import ode_step
 
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(3, 2, 4, 4, generator=generator)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tpgrpo.sde import kl_to_reference, ode_step, sde_step, step_kind
+from tpgrpo.maths.sde import kl_to_reference, ode_step, sde_step, step_kind
 
 
 def _state(batch=4, seed=0, dtype=torch.float32):

@@ -7,7 +7,7 @@ import pytest
 
 from tpgrpo.cli import main
 from tpgrpo.errors import UserInputError
-from tpgrpo.sde import step_kind
+from tpgrpo.maths.sde import step_kind
 from tpgrpo.settings import (
     GROUPS,
     CreditConfig,
@@ -200,7 +200,7 @@ def test_a_dotted_reward_option_keeps_the_rewards_other_options(capsys, form):
 
 
 def test_the_policy_loss_is_named_from_its_registry():
-    from tpgrpo.credit import POLICY_LOSSES, clipped_policy_loss
+    from tpgrpo.maths.credit import POLICY_LOSSES, clipped_policy_loss
 
     assert POLICY_LOSSES["ppo-clip"] is clipped_policy_loss and UpdateConfig().policy_loss == "ppo-clip"
     with pytest.raises(UserInputError, match=r"update.policy_loss must be one of \['ppo-clip'\], got 'dpo'"):

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpgrpo import credit
-from tpgrpo.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, epoch_description
+from tpgrpo.maths import credit
+from tpgrpo.training.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, epoch_description
 from tpgrpo.cli import QUIET_WARNINGS, build_cli, main
-from tpgrpo.ema import LoRAEMA
-from tpgrpo.evaluation import EvalResults
+from tpgrpo.training.ema import LoRAEMA
+from tpgrpo.training.evaluation import EvalResults
 from tpgrpo.lora import disabled_adapter, lora_parameters
 from tpgrpo.families import FlowModel
 from tpgrpo.algorithms import transition_pairs
@@ -253,7 +253,7 @@ def test_test_and_predict_subcommands(tmp_path, tiny_model_dir, prompt_file):
 
 
 def test_evaluation_rewards_are_scored_and_logged_beside_the_training_reward(tmp_path, tiny_model_dir, prompt_file):
-    from tpgrpo.evaluation import mean_and_stderr
+    from tpgrpo.training.evaluation import mean_and_stderr
 
     # jpeg_incompressibility (training, kB) also appears among the evaluation rewards: it is left out
     watched = "--model.eval_rewards={jpeg_compressibility: {}, jpeg_incompressibility: {quality: 50}}"
@@ -285,7 +285,7 @@ def demo_trainer(tmp_path, model_dir, *extra):
     """The trainer of `make demo`'s config (configs/tiny.yaml) on the small random model, with the base
     EMA put back (the demo turns it off, see tiny.yaml) so that every base callback is there."""
     args = ["--config", "configs/tiny.yaml", f"--model.pretrained_path={model_dir}", f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--ema={class_path: tpgrpo.ema.LoRAEMA}", *extra]
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}", "--ema={class_path: tpgrpo.training.ema.LoRAEMA}", *extra]
     return build_cli(args, run=False).trainer
 
 
@@ -326,7 +326,7 @@ def test_base_callbacks_are_tuned_by_key_and_removed_by_null_or_the_trainer_flag
     kinds = {type(c) for c in trainer.callbacks}
     assert not kinds & {LoRAEMA, LoRAExport} and {AtomicCheckpoint, LearningRateMonitor, ProgressBar} <= kinds
     # one of the same kind in trainer.callbacks replaces the base one
-    trainer = demo_trainer(tmp_path, tiny_model_dir, "--trainer.callbacks+={class_path: tpgrpo.ema.LoRAEMA, init_args: {decay: 0.25}}")
+    trainer = demo_trainer(tmp_path, tiny_model_dir, "--trainer.callbacks+={class_path: tpgrpo.training.ema.LoRAEMA, init_args: {decay: 0.25}}")
     assert of_type(trainer, LoRAEMA).decay == 0.25
 
 

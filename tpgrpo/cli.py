@@ -41,11 +41,11 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-from tpgrpo.callbacks import AtomicCheckpoint, ImageGrids, LoRAExport, ProgressBar, find_last_checkpoint  # noqa: E402
-from tpgrpo.data import PromptDataModule  # noqa: E402
-from tpgrpo.ema import LoRAEMA  # noqa: E402
+from tpgrpo.training.callbacks import AtomicCheckpoint, ImageGrids, LoRAExport, ProgressBar, find_last_checkpoint  # noqa: E402
+from tpgrpo.training.data import PromptDataModule  # noqa: E402
+from tpgrpo.training.ema import LoRAEMA  # noqa: E402
 from tpgrpo.errors import UserInputError  # noqa: E402
-from tpgrpo.module import TPGRPOModule  # noqa: E402
+from tpgrpo.training.module import TPGRPOModule  # noqa: E402
 from tpgrpo.settings import check_model_settings  # noqa: E402
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -144,7 +144,7 @@ class TPGRPOCLI(LightningCLI):
 
     def fit(self, model: TPGRPOModule, ckpt_path: str | None = None, **kwargs) -> None:
         """``--ckpt_path last``: the newest last checkpoint of any logger version of this run (see
-        `tpgrpo.callbacks.find_last_checkpoint`); none found: a warning, and training starts afresh."""
+        `tpgrpo.training.callbacks.find_last_checkpoint`); none found: a warning, and training starts afresh."""
         if ckpt_path == "last":
             ckpt_path = find_last_checkpoint(self.trainer)
             if ckpt_path is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tpgrpo.evaluation import EvalResults, mean_and_stderr
+from tpgrpo.training.evaluation import EvalResults, mean_and_stderr
 
 
 ALGORITHM_LABELS = {"tp-grpo": "TP-GRPO", "flow-grpo": "Flow-GRPO", "diffusion-nft": "DiffusionNFT"}

@@ -21,7 +21,7 @@ import torch
 
 from tpgrpo.cli import build_cli
 from tpgrpo.curves import ALGORITHM_LABELS, HeldOutCurve, plot_curves
-from tpgrpo.evaluation import EvalResults, mean_and_stderr
+from tpgrpo.training.evaluation import EvalResults, mean_and_stderr
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import captioned_grid
 

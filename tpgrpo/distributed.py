@@ -11,7 +11,7 @@ Both strategies average gradients over ranks after every backward pass, so every
 the same number of transformer forward and backward passes in the same order (FSDP2 also
 all-gathers weights in each forward). The module keeps to that: the SDE window is the same on
 every rank, update micro-batches are padded to the largest rank's count, and evaluation batches
-have equal sizes on every rank (`tpgrpo.data.EvalSampler`).
+have equal sizes on every rank (`tpgrpo.training.data.EvalSampler`).
 """
 from __future__ import annotations
 

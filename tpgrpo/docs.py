@@ -9,8 +9,8 @@ import dataclasses
 import inspect
 import re
 
-from tpgrpo.data import PromptDataModule
-from tpgrpo.module import TPGRPOModule
+from tpgrpo.training.data import PromptDataModule
+from tpgrpo.training.module import TPGRPOModule
 
 
 def argument_help(cls: type) -> dict[str, str]:
@@ -68,11 +68,11 @@ def config_reference() -> str:
             "(`python train.py fit --config configs/tiny.yaml --model.sampling.noise_level 0.5`).",
             "Trainer settings are Lightning's (`python train.py fit --help`).",
             "",
-            "## model (`tpgrpo.module.TPGRPOModule`)",
+            "## model (`tpgrpo.training.module.TPGRPOModule`)",
             "",
             reference_table("model", TPGRPOModule),
             "",
-            "## data (`tpgrpo.data.PromptDataModule`)",
+            "## data (`tpgrpo.training.data.PromptDataModule`)",
             "",
             reference_table("data", PromptDataModule),
             "",

@@ -6,7 +6,7 @@
 The model is built from the checkpoint's own hyper-parameters, or, with ``--config``, from the
 config files and ``--model.*`` overrides (as ``train.py`` would build it). Without ``--config``,
 ``--model.KEY=VALUE`` overrides single hyper-parameters (e.g. a moved ``pretrained_path``). The
-EMA weights are written when the checkpoint holds the state of a `tpgrpo.ema.LoRAEMA` callback
+EMA weights are written when the checkpoint holds the state of a `tpgrpo.training.ema.LoRAEMA` callback
 (``--no-ema``: the raw weights). The output loads with ``pipe.load_lora_weights(out)``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def ema_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The EMA shadow weights saved by `tpgrpo.ema.LoRAEMA` (by parameter name), or None."""
+    """The EMA shadow weights saved by `tpgrpo.training.ema.LoRAEMA` (by parameter name), or None."""
     for key, state in checkpoint.get("callbacks", {}).items():
         if str(key).startswith("LoRAEMA") and isinstance(state, dict) and state.get("shadow"):
             return state["shadow"]
@@ -49,7 +49,7 @@ def build_module(
     checkpoint: dict[str, Any], config: Sequence[str] = (), overrides: Sequence[str] = ()
 ):
     """The `TPGRPOModule` the checkpoint was trained with (see the module docstring)."""
-    from tpgrpo.module import TPGRPOModule
+    from tpgrpo.training.module import TPGRPOModule
 
     saved = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     if config:

@@ -14,10 +14,10 @@ from typing import Any, TypeVar, Union
 
 import torch
 
-from tpgrpo.credit import CREDITS, POLICY_LOSSES
+from tpgrpo.maths.credit import CREDITS, POLICY_LOSSES
 from tpgrpo.errors import UserInputError
 from tpgrpo.rewards.base import RewardSpec, validate_reward_weights
-from tpgrpo.sde import STEP_KINDS, StepKind, step_kind
+from tpgrpo.maths.sde import STEP_KINDS, StepKind, step_kind
 
 
 def _check(condition: bool, message: str) -> None:
@@ -60,7 +60,7 @@ class SamplingConfig:
 
     @property
     def step(self) -> StepKind:
-        """The stochastic step of the window: its kind and noise level as one value (`tpgrpo.sde.step_kind`)."""
+        """The stochastic step of the window: its kind and noise level as one value (`tpgrpo.maths.sde.step_kind`)."""
         return step_kind(self.step_kind, self.noise_level)
 
     @property
@@ -122,7 +122,7 @@ class CreditConfig:
     """How rewards become per-step rewards and advantages.
 
     Args:
-        method: the credit rule of a GRPO algorithm (`tpgrpo.credit.CREDITS`): "tp" (turning points)
+        method: the credit rule of a GRPO algorithm (`tpgrpo.maths.credit.CREDITS`): "tp" (turning points)
             or "outcome" (every step gets R_W); None takes the algorithm's own ("tp" for tp-grpo,
             "outcome" for flow-grpo). Not for diffusion-nft.
         eta: scale of the long-term reward given at turning points.
@@ -206,7 +206,7 @@ class UpdateConfig:
     """The clipped GRPO update over one rollout batch.
 
     Args:
-        policy_loss: the GRPO algorithms' loss of the probability ratio (`tpgrpo.credit.POLICY_LOSSES`):
+        policy_loss: the GRPO algorithms' loss of the probability ratio (`tpgrpo.maths.credit.POLICY_LOSSES`):
             "ppo-clip" (spec §4).
         clip_range: PPO ratio clip ``ε``.
         kl_beta: weight ``β`` of the KL to the reference (the base model, adapter disabled).
@@ -369,7 +369,7 @@ class ComputeConfig:
 
 @dataclass(frozen=True)
 class PromptCacheConfig:
-    """Text embeddings of every prompt of the run, encoded once (`tpgrpo.embedding_cache`).
+    """Text embeddings of every prompt of the run, encoded once (`tpgrpo.training.embedding_cache`).
 
     Args:
         enabled: at the start of fit / validate / test / predict, encode the stage's prompt files

@@ -4,7 +4,7 @@ An algorithm collects a batch (rollouts, decoding, rewards, advantages), names t
 update trains (images × transitions or timesteps) and gives the loss of one transformer call over
 some of them. `plan_update` turns a batch into the calls of each optimizer step and their loss
 weights; the LightningModule only runs that plan (backward, clipping, optimizer step), and
-`tpgrpo.diagnostics` and the benchmarks read the same plan.
+`tpgrpo.algorithms.diagnostics` and the benchmarks read the same plan.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import Tensor, nn
 
-from tpgrpo import credit as credit_rules
+from tpgrpo.maths import credit as credit_rules
 from tpgrpo.distributed import Collectives
 from tpgrpo.errors import UserInputError
 from tpgrpo.families import FlowModel, PromptEmbeds
 from tpgrpo.prompt_length import PromptLengthCheck
-from tpgrpo.rollout import VelocityFn
+from tpgrpo.maths.rollout import VelocityFn
 
 
 def seed_for(*parts: Any) -> int:
@@ -108,7 +108,7 @@ def plan_update(
 ) -> list[StepPlan]:
     """The calls of each of ``steps`` optimizer steps over the active images.
 
-    Step ``s`` trains the active rows with ``part_of == s`` (`tpgrpo.credit.update_parts`) at every
+    Step ``s`` trains the active rows with ``part_of == s`` (`tpgrpo.maths.credit.update_parts`) at every
     unit, in micro-batches of ``micro_batch`` images, each split into calls of at most
     ``max_pairs_per_call`` pairs (None: no limit). Each step's loss is the mean over its images on
     all ranks and over the units; gradients are averaged over ranks after each backward pass, hence

@@ -1,7 +1,7 @@
 """GRPO on the SDE window of a flow model: TP-GRPO (turning-point credit) and Flow-GRPO (outcome credit).
 
-`GRPO.collect` turns prompts into a `RolloutBatch`: rollouts (`tpgrpo.rollout`), decoding,
-rewards, credit (`tpgrpo.credit`'s registry) and advantages, clipped once. `GRPO.loss` gives the
+`GRPO.collect` turns prompts into a `RolloutBatch`: rollouts (`tpgrpo.maths.rollout`), decoding,
+rewards, credit (`tpgrpo.maths.credit`'s registry) and advantages, clipped once. `GRPO.loss` gives the
 clipped policy loss (+ β·KL) of any (image, transition) pairs of that batch in one transformer
 call, each pair at its own sigma. The two algorithms differ only in their credit rule, so they are
 one class registered twice.
@@ -14,12 +14,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from tpgrpo import credit as credit_rules
+from tpgrpo.maths import credit as credit_rules
 from tpgrpo.algorithms.base import FlowAlgorithm, PhaseTimer, register_algorithm, seed_for
 from tpgrpo.families import PromptEmbeds
 from tpgrpo.lora import disabled_adapter
-from tpgrpo.rollout import Rollout, rollout, sample_window_start
-from tpgrpo.sde import kl_to_reference, sde_step
+from tpgrpo.maths.rollout import Rollout, rollout, sample_window_start
+from tpgrpo.maths.sde import kl_to_reference, sde_step
 from tpgrpo.settings import CreditConfig
 
 
@@ -28,7 +28,7 @@ class RolloutBatch:
     """What one rollout batch of ``N`` images with an SDE window of ``W`` steps produced.
 
     Attributes:
-        rollout: trajectories, stored transitions and their log-probs (`tpgrpo.rollout.Rollout`).
+        rollout: trajectories, stored transitions and their log-probs (`tpgrpo.maths.rollout.Rollout`).
         cond: text conditioning, one row per image.
         prompts: the prompt of each image.
         group_ids: (N,) long; images of a group share a prompt.
@@ -100,9 +100,9 @@ class GRPO(FlowAlgorithm):
 
         Turning points are balanced over this rank's batch (spec §3), with ``balance_scope="global"``
         over all ranks' batches, with ``"minibatch"`` over each ``balance_minibatch`` images of this
-        rank's batch taken one per prompt group in turn (`tpgrpo.credit.round_robin_order`);
+        rank's batch taken one per prompt group in turn (`tpgrpo.maths.credit.round_robin_order`);
         ``global_std`` divides by the std of all ranks' step rewards. Groups are never split over
-        ranks (`tpgrpo.data.GroupSampler`).
+        ranks (`tpgrpo.training.data.GroupSampler`).
         """
         credit, comm = self.credit, self.comm()
         own = slice(comm.rank * len(group_ids), (comm.rank + 1) * len(group_ids))

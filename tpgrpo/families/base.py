@@ -229,7 +229,7 @@ class FlowModel(nn.Module):
     def encode(self, prompts: Sequence[str]) -> PromptEmbeds:
         """Text conditioning of ``prompts`` (N strings) on the model's device.
 
-        Read from ``embedding_cache`` (`tpgrpo.embedding_cache.EmbeddingCache`) when it holds
+        Read from ``embedding_cache`` (`tpgrpo.training.embedding_cache.EmbeddingCache`) when it holds
         them all; otherwise each distinct prompt is encoded once, so a batch of groups costs one
         pass per prompt. Padding columns that no row needs are dropped (masked families), so
         the transformer sees as many text tokens as the longest of ``prompts`` has.

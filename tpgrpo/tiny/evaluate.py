@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tpgrpo.evaluation import mean_and_stderr
+from tpgrpo.training.evaluation import mean_and_stderr
 from PIL import Image
 from tqdm import tqdm
 

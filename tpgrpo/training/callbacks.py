@@ -13,7 +13,7 @@ project (manual optimisation, several optimizer steps per training batch):
 - a save due at a batch that validation follows is made after that validation, and the loggers
   are flushed first, so a run resumed from any checkpoint logs exactly what an uninterrupted run logs.
 
-`LoRAExport`: writes the LoRA (EMA weights when the `tpgrpo.ema.LoRAEMA` callback is present) in
+`LoRAExport`: writes the LoRA (EMA weights when the `tpgrpo.training.ema.LoRAEMA` callback is present) in
 the diffusers format to ``<log_dir>/lora`` at the end of `fit` and, optionally, every N steps.
 
 `ImageGrids`: rollout and evaluation image grids with their rewards and prompts in TensorBoard.
@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, R
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.utilities import rank_zero_info
 
-from tpgrpo.ema import LoRAEMA
+from tpgrpo.training.ema import LoRAEMA
 from tpgrpo.images import image_grid, save_image
 from tpgrpo.lora import lora_state_dict, save_lora
 
@@ -216,7 +216,7 @@ class LoRAExport(Callback):
         dirname: folder under the trainer's ``log_dir`` (an absolute path is used as is).
         every_n_train_steps: also export whenever training crosses a multiple of this many
             optimizer steps (0: only at the end of `fit`). Each export replaces the previous one.
-        use_ema: export the EMA weights when a `tpgrpo.ema.LoRAEMA` callback is present.
+        use_ema: export the EMA weights when a `tpgrpo.training.ema.LoRAEMA` callback is present.
     """
 
     def __init__(self, dirname: str = "lora", every_n_train_steps: int = 0, use_ema: bool = True):

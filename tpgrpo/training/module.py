@@ -1,7 +1,7 @@
 """The LightningModule: grouped rollouts, rewards, credit, advantages and the clipped GRPO step.
 
-It composes the pure pieces: `tpgrpo.rollout` (trajectories and branches), `tpgrpo.rewards`
-(scores), `tpgrpo.credit` (per-step rewards, advantages, loss) and `tpgrpo.sde` (log-probs,
+It composes the pure pieces: `tpgrpo.maths.rollout` (trajectories and branches), `tpgrpo.rewards`
+(scores), `tpgrpo.maths.credit` (per-step rewards, advantages, loss) and `tpgrpo.maths.sde` (log-probs,
 KL). The model side (encode, velocity, decode) lives in `tpgrpo.families`, LoRA in
 `tpgrpo.lora`.
 """
@@ -16,14 +16,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from tpgrpo import evaluation
+from tpgrpo.training import evaluation
+from tpgrpo.training.evaluation import Evaluator
 from tpgrpo.acceleration import compile_blocks
 from tpgrpo.distributed import is_sharded, shard_transformer
 from tpgrpo.errors import UserInputError
-from tpgrpo.callbacks import PNGWriter
-from tpgrpo.embedding_cache import PromptCacheCallback
+from tpgrpo.training.callbacks import PNGWriter
+from tpgrpo.training.embedding_cache import PromptCacheCallback
 from tpgrpo.lora import check_checkpoint_fits, full_tensor, lora_parameters, trainable_state
-from tpgrpo.policy import build_policy
+from tpgrpo.training.policy import build_policy
 from tpgrpo.families import FlowModel
 from tpgrpo.settings import (
     ComputeConfig,
@@ -46,7 +47,7 @@ from tpgrpo.settings import (
     parse_rewards,
 )
 from tpgrpo.algorithms import ALGORITHMS, Batch, build_algorithm
-from tpgrpo.metrics import training_metrics
+from tpgrpo.training.metrics import training_metrics
 from tpgrpo.tiny.components import DEFAULT_MODEL_DIR
 
 
@@ -163,9 +164,7 @@ class TPGRPOModule(LightningModule):
         self._compiled = False
         self.pretrained_path = pretrained_path
         self.reward = build_rewards(self.reward_specs)
-        # built at the first evaluation and kept out of the module tree: no accelerator memory while
-        # training only, no sharding, nothing in checkpoints
-        self._eval_reward: list = []
+        self.evaluator = Evaluator(self.reward, self.eval_reward_options, build_eval_rewards)
         self.algorithm = build_algorithm(
             algorithm, self.flow, self.transformer, self.reward, self.sampling, self.update_config, seed=seed,
             groups={"credit": self.credit, "nft": self.nft},
@@ -302,49 +301,34 @@ class TPGRPOModule(LightningModule):
 
     # ------------------------------------------------------------------------------ evaluation
     def sample(self, prompts: Sequence[str], seeds: Tensor) -> Tensor:
-        """Deterministic ODE samples (N, 3, H, W) in [0, 1], one per prompt and seed (`tpgrpo.evaluation.sample`)."""
+        """Deterministic ODE samples (N, 3, H, W) in [0, 1], one per prompt and seed (`tpgrpo.training.evaluation.sample`)."""
         return evaluation.sample(self.algorithm, prompts, seeds, self.evaluation.num_steps, self.evaluation.guidance_scale)
 
     def _evaluate(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
         """Sample and score one evaluation batch; log the mean of each score. Returns, for
-        callbacks (`tpgrpo.evaluation.EvalResults`, `tpgrpo.callbacks.ImageGrids`), the images,
+        callbacks (`tpgrpo.training.evaluation.EvalResults`, `tpgrpo.training.callbacks.ImageGrids`), the images,
         prompts and per-image scores of the batch's real (not padding) rows."""
         real = self._real_rows(batch)
         images = self.sample(batch["prompts"], batch["seeds"])[real]
         prompts = [p for p, keep in zip(batch["prompts"], real.tolist()) if keep]
         metadata = [m for m, keep in zip(batch["metadata"], real.tolist()) if keep]
-        scores = {k: v.float().cpu() for k, v in self.reward(images, prompts, metadata).items()} if prompts else {}
-        if prompts and self._eval_reward:
-            watched = self._eval_reward[0](images, prompts, metadata)
-            scores.update({k: v.float().cpu() for k, v in watched.items() if k != "reward"})
+        scores = self.evaluator.score(images, prompts, metadata)
         for key, value in scores.items():
             applicable = value[~value.isnan()]  # NaN marks a check that does not apply to a prompt
             if applicable.numel():
                 mean = applicable.mean().to(self.device)  # NCCL reduces only GPU tensors
                 self.log(f"{stage}/{key}", mean, batch_size=applicable.numel(), sync_dist=True)
-        self._eval_scores.append(scores)
         return {"images": images, "prompts": prompts, "scores": scores}
 
     @staticmethod
     def _real_rows(batch: Mapping[str, Any]) -> Tensor:
-        """Rows that are not padding (`tpgrpo.data.EvalSampler` pads ranks to equal batches)."""
+        """Rows that are not padding (`tpgrpo.training.data.EvalSampler` pads ranks to equal batches)."""
         return batch.get("real", torch.ones(len(batch["prompts"]), dtype=torch.bool)).cpu()
-
-    def _start_eval(self) -> None:
-        self._eval_scores: list[dict[str, Tensor]] = []
-        if self.eval_reward_options and not self._eval_reward:
-            self._eval_reward.append(build_eval_rewards(self.eval_reward_options))
 
     def _finish_eval(self, stage: str) -> None:
         """Log what needs all ranks' images: the standard errors of the reward and of each evaluation
         reward, and every reward's own summary (`tpgrpo.rewards.Reward.summarise`)."""
-        rewards = [self.reward, *self._eval_reward]
-
-        def summarise(means):
-            return {key: value for reward in rewards for key, value in reward.summarise(means).items()}
-
-        keys = ["reward", *self.eval_reward_options]
-        summary = evaluation.summarise_over_ranks(self._eval_scores, self.algorithm.comm(), keys, summarise)
+        summary = self.evaluator.finish(self.algorithm.comm())
         for key, stderr in summary.stderrs.items():
             self.log(f"{stage}/{key}_stderr", stderr, sync_dist=False, rank_zero_only=True)
         for key, value in summary.summaries.items():
@@ -356,10 +340,10 @@ class TPGRPOModule(LightningModule):
         return [PromptCacheCallback(), PNGWriter(self.evaluation.predict_dir)]
 
     def on_validation_epoch_start(self) -> None:
-        self._start_eval()
+        self.evaluator.start()
 
     def on_test_epoch_start(self) -> None:
-        self._start_eval()
+        self.evaluator.start()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         return self._evaluate(batch, "val")
@@ -374,7 +358,7 @@ class TPGRPOModule(LightningModule):
         self._finish_eval("test")
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Samples of the batch's prompts and seeds, for `tpgrpo.callbacks.PNGWriter`."""
+        """Samples of the batch's prompts and seeds, for `tpgrpo.training.callbacks.PNGWriter`."""
         images = self.sample(batch["prompts"], batch["seeds"])
         return {"images": images, "index": batch["index"], "seeds": batch["seeds"], "real": self._real_rows(batch)}
 

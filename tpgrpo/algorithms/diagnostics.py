@@ -26,7 +26,7 @@ from tpgrpo.algorithms import RolloutBatch
 def policy_gradient(module: Any, batch: RolloutBatch, advantages: Tensor | None = None) -> list[Tensor]:
     """Gradient of the first optimizer step's loss over all active images, one flat tensor per trained transition.
 
-    ``module`` is a `tpgrpo.module.TPGRPOModule`, ``batch`` what its ``collect`` returned;
+    ``module`` is a `tpgrpo.training.module.TPGRPOModule`, ``batch`` what its ``collect`` returned;
     ``advantages`` (N, W) replaces the batch's (e.g. shuffled, for the noise floor). The loss is the
     one the update takes in a single optimizer step, weighted as the algorithm's plan weights it
     (`tpgrpo.algorithms.plan_update`: a mean over the active images and the transitions), split by

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tpgrpo import credit as credit_rules
+from tpgrpo.maths import credit as credit_rules
 
 
 def training_metrics(

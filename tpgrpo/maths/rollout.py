@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from tpgrpo.sde import StepKind, ode_step, sde_step
+from tpgrpo.maths.sde import StepKind, ode_step, sde_step
 
 VelocityFn = Callable[[Tensor, float, Tensor], Tensor]
 
@@ -294,7 +294,7 @@ def rollout_sequential(
         initial_latents: (B, C, h, w) initial noise ``x_0``.
         sigmas: (T+1,) strictly decreasing noise levels.
         window_start, window_size: ``s`` and ``W``; needs ``0 <= s`` and ``s + W <= T``.
-        step: the kind of stochastic step and its noise level ``a`` of spec §1 (`tpgrpo.sde.step_kind`).
+        step: the kind of stochastic step and its noise level ``a`` of spec §1 (`tpgrpo.maths.sde.step_kind`).
         branches: compute the baseline and branches (TP-GRPO) or only the main trajectory
             (Flow-GRPO's outcome credit).
         generator: draws the (B, W, C, h, w) window noise when ``step_noise`` is None.

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from tpgrpo.rollout import ode_sample
+from tpgrpo.maths.rollout import ode_sample
 
 if TYPE_CHECKING:
     from tpgrpo.distributed import Collectives
@@ -124,6 +124,43 @@ def summarise_over_ranks(
         summary.summaries = summarise(MeansOverRanks(batches, comm))
     return summary
 
+
+
+class Evaluator:
+    """The scores of an evaluation (validation or test): the training reward's and, beside them, those
+    of the evaluation rewards (``{name: options}``; built at the first evaluation and held here, out
+    of the module tree: no accelerator memory while only training, no sharding, nothing in
+    checkpoints). `start` begins an evaluation, `score` scores a batch of images, `finish` summarises
+    all ranks' scores (`summarise_over_ranks`)."""
+
+    def __init__(self, reward: Any, eval_reward_options: Mapping[str, Mapping[str, Any]], build: Callable[[Mapping], Any]):
+        self.reward = reward
+        self.options = dict(eval_reward_options)
+        self._build = build
+        self.watched: Any = None
+        self.scores: list[dict[str, Tensor]] = []
+
+    def start(self) -> None:
+        self.scores = []
+        if self.options and self.watched is None:
+            self.watched = self._build(self.options)
+
+    def score(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping]) -> dict[str, Tensor]:
+        """Per-image scores (float, on the CPU) of a batch's real rows, kept for `finish`."""
+        scores = {k: v.float().cpu() for k, v in self.reward(images, prompts, metadata).items()} if prompts else {}
+        if prompts and self.watched is not None:
+            scores.update({k: v.float().cpu() for k, v in self.watched(images, prompts, metadata).items() if k != "reward"})
+        self.scores.append(scores)
+        return scores
+
+    def finish(self, comm: Collectives) -> EvalSummary:
+        """Standard errors of the reward and of each evaluation reward, and every reward's own summary."""
+        rewards = [self.reward, *([self.watched] if self.watched is not None else [])]
+
+        def summarise(means: Mapping[str, float]) -> dict[str, float]:
+            return {key: value for reward in rewards for key, value in reward.summarise(means).items()}
+
+        return summarise_over_ranks(self.scores, comm, ["reward", *self.options], summarise)
 
 @dataclass
 class EvalResult:

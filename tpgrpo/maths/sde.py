@@ -153,7 +153,7 @@ def sde_step(
         float32. Steps with zero noise have log-prob 0 (they are deterministic).
     """
     if not isinstance(step, StepKind):
-        raise TypeError(f"step must be a StepKind (tpgrpo.sde.step_kind), got {step!r}")
+        raise TypeError(f"step must be a StepKind (tpgrpo.maths.sde.step_kind), got {step!r}")
     if velocity.shape != sample.shape:
         raise ValueError(f"velocity {tuple(velocity.shape)} and sample {tuple(sample.shape)} differ in shape")
     if prev_sample is not None and prev_sample.shape != sample.shape:
