@@ -286,6 +286,15 @@ class OptimizerConfig:
         _check(self.eps > 0, f"optimizer.eps must be > 0, got {self.eps}")
         _check(self.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
 
+    def build(self, parameters: Sequence[torch.nn.Parameter]) -> dict[str, Any]:
+        """AdamW over ``parameters`` and its per-step warm-up schedule, as Lightning's ``configure_optimizers`` returns them."""
+        optimizer = torch.optim.AdamW(
+            parameters, lr=self.learning_rate, betas=tuple(self.betas), weight_decay=self.weight_decay, eps=self.eps
+        )
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
 
 @dataclass(frozen=True)
 class LoRAConfig:

@@ -188,16 +188,7 @@ class TPGRPOModule(LightningModule):
 
     # --------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            lora_parameters(self.transformer),
-            lr=self.optimizer_config.learning_rate,
-            betas=tuple(self.optimizer_config.betas),
-            weight_decay=self.optimizer_config.weight_decay,
-            eps=self.optimizer_config.eps,
-        )
-        warmup = max(self.optimizer_config.warmup_steps, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return self.optimizer_config.build(lora_parameters(self.transformer))
 
     # ------------------------------------------------------------------------------ rollouts
     def collect(self, batch: Mapping[str, Any], step: Any) -> Batch:
