@@ -23,7 +23,7 @@ from tpgrpo.distributed import Collectives
 from tpgrpo.errors import UserInputError
 from tpgrpo.families import FlowModel, PromptEmbeds
 from tpgrpo.prompt_length import PromptLengthCheck
-from tpgrpo.maths.rollout import VelocityFn
+from tpgrpo.maths.rollout import VelocityFn, sample_window_start
 
 
 def seed_for(*parts: Any) -> int:
@@ -219,6 +219,32 @@ class FlowAlgorithm:
                 initial.append(torch.randn(shape, generator=generator))
             window.append(torch.randn((self.sampling.window_size, *shape), generator=generator))
         return torch.stack(initial).to(self.device), torch.stack(window).to(self.device)
+
+    def start_rollout(
+        self, prompts: Sequence[str], group_ids: Tensor, step: Any, timer: PhaseTimer
+    ) -> tuple[Tensor, int, Tensor, Tensor, PromptEmbeds]:
+        """What a rollout batch begins with: the group ids on the device, the SDE window's start (the
+        same on every rank: ranks must make the same transformer calls, see `tpgrpo.distributed`), the
+        initial and window noise (`rollout_noise`) and the prompts' embeddings (timed as ``encode``)."""
+        sampling = self.sampling
+        group_ids = group_ids.to(self.device)
+        window_start = sample_window_start(
+            sampling.num_steps, sampling.window_size, sampling.window_range, torch.Generator().manual_seed(seed_for(self.seed, step))
+        )
+        initial_noise, step_noise = self.rollout_noise(group_ids, step)
+        with timer("encode"):
+            cond = self.encode(prompts)
+        return group_ids, window_start, initial_noise, step_noise, cond
+
+    @contextmanager
+    def sampling_mode(self) -> Iterator[None]:
+        """The transformer in eval mode for a rollout, then back in the mode it was in."""
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            yield
+        finally:
+            self.transformer.train(was_training)
 
     def score(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping], per_image: int) -> dict[str, Tensor]:
         """The reward's scores of ``images`` (N·per_image, ...; each prompt's ``per_image`` images in a

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from tpgrpo.maths import credit as credit_rules
-from tpgrpo.algorithms.base import FlowAlgorithm, PhaseTimer, register_algorithm, seed_for
+from tpgrpo.algorithms.base import FlowAlgorithm, PhaseTimer, register_algorithm
 from tpgrpo.families import PromptEmbeds
 from tpgrpo.lora import disabled_adapter
-from tpgrpo.maths.rollout import Rollout, rollout, sample_window_start
+from tpgrpo.maths.rollout import Rollout, rollout
 from tpgrpo.maths.sde import kl_to_reference, sde_step
 from tpgrpo.settings import CreditConfig
 
@@ -143,17 +143,8 @@ class GRPO(FlowAlgorithm):
         ``timings``.
         """
         sampling, timer = self.sampling, PhaseTimer(self.device)
-        group_ids = group_ids.to(self.device)
-        # the same window on every rank: ranks must make the same transformer calls (see tpgrpo.distributed)
-        window_start = sample_window_start(
-            sampling.num_steps, sampling.window_size, sampling.window_range, torch.Generator().manual_seed(seed_for(self.seed, step))
-        )
-        initial_noise, step_noise = self.rollout_noise(group_ids, step)
-        with timer("encode"):
-            cond = self.encode(prompts)
-        was_training = self.transformer.training
-        self.transformer.eval()
-        with timer("rollout"):
+        group_ids, window_start, initial_noise, step_noise, cond = self.start_rollout(prompts, group_ids, step, timer)
+        with self.sampling_mode(), timer("rollout"):
             result = rollout(
                 self.velocity_fn(cond, sampling.guidance_scale),
                 initial_noise,
@@ -166,7 +157,6 @@ class GRPO(FlowAlgorithm):
                 branch_steps=self.credit.branch_steps,
                 max_batch=sampling.rollout_max_batch,
             )
-        self.transformer.train(was_training)
         num_images, completions = result.final_latents.shape[:2]
         with timer("decode"):
             images = self.flow.decode(result.final_latents.flatten(0, 1))

@@ -35,7 +35,7 @@ from tpgrpo.algorithms.base import FlowAlgorithm, PhaseTimer, register_algorithm
 from tpgrpo.errors import UserInputError
 from tpgrpo.families import PromptEmbeds
 from tpgrpo.lora import disabled_adapter
-from tpgrpo.maths.rollout import rollout, sample_window_start
+from tpgrpo.maths.rollout import rollout
 from tpgrpo.settings import CreditConfig, NFTConfig
 
 
@@ -144,18 +144,10 @@ class DiffusionNFT(FlowAlgorithm):
     def collect(self, prompts: Sequence[str], metadata: Sequence[Mapping], group_ids: Tensor, step: Any) -> NFTBatch:
         """Sample, score, advantages, and the sampling policy's velocity at every training time."""
         sampling, credit, timer = self.sampling, self.credit, PhaseTimer(self.device)
-        group_ids = group_ids.to(self.device)
-        window_start = sample_window_start(
-            sampling.num_steps, sampling.window_size, sampling.window_range, torch.Generator().manual_seed(seed_for(self.seed, step))
-        )
-        initial_noise, step_noise = self.rollout_noise(group_ids, step)
-        with timer("encode"):
-            cond = self.encode(prompts)
+        group_ids, window_start, initial_noise, step_noise, cond = self.start_rollout(prompts, group_ids, step, timer)
         velocity_fn = self.velocity_fn(cond, self.nft.guidance_scale)
         sigmas = self.flow.sigmas(sampling.num_steps, sampling.resolution).to(self.device)
-        was_training = self.transformer.training
-        self.transformer.eval()
-        with timer("rollout"):
+        with self.sampling_mode(), timer("rollout"):
             result = rollout(
                 velocity_fn, initial_noise, sigmas, window_start, sampling.window_size, sampling.step,
                 branches=False, step_noise=step_noise, max_batch=sampling.rollout_max_batch,
@@ -167,7 +159,6 @@ class DiffusionNFT(FlowAlgorithm):
             old_velocity = torch.stack([
                 velocity_fn((1 - sigma) * clean + sigma * noise[:, index], sigma, rows) for index, sigma in enumerate(times)
             ], dim=1)
-        self.transformer.train(was_training)
         with timer("decode"):
             images = self.flow.decode(clean)
         with timer("reward"):
