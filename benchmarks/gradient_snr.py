@@ -24,9 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.rollout import machine  # noqa: E402
-from tpgrpo.cli import build_cli  # noqa: E402
-from tpgrpo.training.evaluation import mean_and_stderr  # noqa: E402  (pairs share batches: a guide to the error, a little low)
-from tpgrpo.training.data import GroupBatches, PromptSet  # noqa: E402
 from tpgrpo.algorithms.diagnostics import (  # noqa: E402
     cosines_by_part,
     lora_module_kind,
@@ -35,7 +32,10 @@ from tpgrpo.algorithms.diagnostics import (  # noqa: E402
     reward_spread,
     signal_to_noise,
 )
+from tpgrpo.cli import build_cli  # noqa: E402
 from tpgrpo.lora import named_lora_parameters  # noqa: E402
+from tpgrpo.training.data import GroupBatches, PromptSet  # noqa: E402
+from tpgrpo.training.evaluation import mean_and_stderr  # noqa: E402  (pairs share batches: a guide to the error, a little low)
 
 
 def measure(args: argparse.Namespace, overrides: list[str]) -> dict:

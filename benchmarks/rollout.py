@@ -45,12 +45,12 @@ import torch
 import transformers
 from torch import Tensor
 
-from tpgrpo.families.sd3 import SD35_MEDIUM_TRANSFORMER
+from tpgrpo.algorithms import FlowAlgorithm
 from tpgrpo.families import FlowModel, PromptEmbeds, SD3Model
+from tpgrpo.families.sd3 import SD35_MEDIUM_TRANSFORMER
+from tpgrpo.maths.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
 from tpgrpo.maths.sde import step_kind
 from tpgrpo.settings import SamplingConfig, UpdateConfig
-from tpgrpo.maths.rollout import Rollout, VelocityFn, minimum_nfe, rollout, rollout_sequential, sequential_nfe
-from tpgrpo.algorithms import FlowAlgorithm
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # the benchmarks package, also when run as a script
 from benchmarks.cpuinfo import cpu_model  # noqa: E402

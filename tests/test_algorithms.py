@@ -3,9 +3,9 @@ batched loss and DiffusionNFT's loss against a hand-written formula."""
 import pytest
 import torch
 
+from tpgrpo.algorithms import ALGORITHMS, RolloutBatch, plan_update, transition_pairs
 from tpgrpo.distributed import Collectives
 from tpgrpo.lora import lora_parameters
-from tpgrpo.algorithms import ALGORITHMS, RolloutBatch, plan_update, transition_pairs
 
 CIRCLE = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}
 SQUARES = {"tag": "counting", "include": [{"class": "square", "count": 2}], "prompt": "a photo of two squares"}

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from tpgrpo.errors import UserInputError
 from tpgrpo.training.data import (
     EvalBatches,
     EvalSampler,
@@ -18,7 +19,6 @@ from tpgrpo.training.data import (
     PromptSet,
     read_prompts,
 )
-from tpgrpo.errors import UserInputError
 
 
 def write_txt(path, n):

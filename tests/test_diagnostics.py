@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from tpgrpo.algorithms import transition_pairs
 from tpgrpo.algorithms.diagnostics import (
     cosines_by_part,
     lora_module_kind,
@@ -12,7 +13,6 @@ from tpgrpo.algorithms.diagnostics import (
     reward_spread,
     signal_to_noise,
 )
-from tpgrpo.algorithms import transition_pairs
 
 
 def test_pairwise_cosines_by_hand():

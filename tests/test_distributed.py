@@ -185,8 +185,8 @@ def test_a_masked_family_on_two_fsdp2_ranks_computes_what_one_process_computes(t
 @pytest.mark.parametrize("scope", ["rank", "global"])
 def test_balance_scope_balances_over_this_rank_or_all_ranks(tiny_model_dir, scope):
     """Rank 0 of 2: "rank" balances its own rows alone, "global" balances them together with rank 1's."""
-    from tpgrpo.maths import credit
     from tpgrpo.distributed import Collectives
+    from tpgrpo.maths import credit
     from tpgrpo.training.module import TPGRPOModule
 
     model = TPGRPOModule(pretrained_path=str(tiny_model_dir), sampling={"num_steps": 3, "window_size": 2}, credit={"balance_scope": scope})

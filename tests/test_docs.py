@@ -3,8 +3,8 @@ import re
 from pathlib import Path
 
 from tpgrpo.docs import argument_help, config_reference
-from tpgrpo.training.module import TPGRPOModule
 from tpgrpo.settings import CreditConfig
+from tpgrpo.training.module import TPGRPOModule
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tpgrpo.distributed import Collectives
-from tpgrpo.training.embedding_cache import EmbeddingCache, StaleCacheError, cache_key, distinct_prompts, model_fingerprint
 from tpgrpo.families import FlowModel
+from tpgrpo.training.embedding_cache import EmbeddingCache, StaleCacheError, cache_key, distinct_prompts, model_fingerprint
 
 PROMPTS = ["a photo of a circle", "a photo of two squares", "a photo of a red triangle", "a photo of a circle and a square"]
 

@@ -16,22 +16,18 @@ from tests.helpers.tiny_models import (
     STAND_INS,
     processor_wrapped,
     tiny_flux2_dev_pipeline,
-    tiny_flux_pipeline,
     tiny_flux2_klein_pipeline,
+    tiny_flux_pipeline,
     tiny_qwenimage_pipeline,
     tiny_zimage_pipeline,
 )
 from tpgrpo.distributed import Collectives, is_sharded, transformer_blocks
-from tpgrpo.training.embedding_cache import EmbeddingCache, model_fingerprint
 from tpgrpo.errors import UserInputError
-from tpgrpo.lora import DEFAULT_TARGET_MODULES, add_lora, disabled_adapter, full_tensor
-from tpgrpo.memory import is_lora_target
-from tpgrpo.maths.sde import step_kind
 from tpgrpo.families import (
     PIPELINE_FAMILIES,
+    FlowModel,
     Flux2DevModel,
     Flux2Model,
-    FlowModel,
     FluxModel,
     ModelLoadError,
     QwenImageModel,
@@ -39,7 +35,11 @@ from tpgrpo.families import (
     load_flow_model,
     pack_2x2,
 )
+from tpgrpo.lora import DEFAULT_TARGET_MODULES, add_lora, disabled_adapter, full_tensor
 from tpgrpo.maths.rollout import rollout, rollout_sequential
+from tpgrpo.maths.sde import step_kind
+from tpgrpo.memory import is_lora_target
+from tpgrpo.training.embedding_cache import EmbeddingCache, model_fingerprint
 
 PROMPTS = ["a photo of two red circles", "a blue square"]
 RESOLUTION = 32

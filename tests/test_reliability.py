@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 from test_train import cli_args
 from torch.utils.data import DataLoader
 
-from tpgrpo.training.callbacks import AtomicCheckpoint, LoRAExport
 from tpgrpo.cli import build_cli, main
-from tpgrpo.training.ema import LoRAEMA
 from tpgrpo.errors import UserInputError
 from tpgrpo.lora import lora_state_dict
+from tpgrpo.training.callbacks import AtomicCheckpoint, LoRAExport
+from tpgrpo.training.ema import LoRAEMA
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING_TAGS = ("train/images_per_second", "time/")  # wall-clock measurements (prefixes): differ between runs

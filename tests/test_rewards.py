@@ -6,8 +6,8 @@ localhost; Tesseract tests are skipped when the program is absent.
 """
 import contextlib
 import http.server
-import io
 import importlib.util
+import io
 import json
 import math
 import shutil

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpgrpo.maths import credit
-from tpgrpo.training.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, epoch_description
+from tpgrpo.algorithms import transition_pairs
 from tpgrpo.cli import QUIET_WARNINGS, build_cli, main
+from tpgrpo.families import FlowModel
+from tpgrpo.lora import disabled_adapter, lora_parameters
+from tpgrpo.maths import credit
+from tpgrpo.tiny.components import load_pipeline
+from tpgrpo.training.callbacks import AtomicCheckpoint, LoRAExport, ProgressBar, epoch_description
 from tpgrpo.training.ema import LoRAEMA
 from tpgrpo.training.evaluation import EvalResults
-from tpgrpo.lora import disabled_adapter, lora_parameters
-from tpgrpo.families import FlowModel
-from tpgrpo.algorithms import transition_pairs
-from tpgrpo.tiny.components import load_pipeline
 
 
 def cli_args(tmp_path, model_dir, prompts, *extra):

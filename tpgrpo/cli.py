@@ -21,7 +21,6 @@ from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-
 # ------------------------------------------------------------------------------- known noise
 from tpgrpo import TORCHVISION_FILTER  # noqa: E402,F401  (installed on import of the package)
 
@@ -41,12 +40,12 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+from tpgrpo.errors import UserInputError  # noqa: E402
+from tpgrpo.settings import check_model_settings  # noqa: E402
 from tpgrpo.training.callbacks import AtomicCheckpoint, ImageGrids, LoRAExport, ProgressBar, find_last_checkpoint  # noqa: E402
 from tpgrpo.training.data import PromptDataModule  # noqa: E402
 from tpgrpo.training.ema import LoRAEMA  # noqa: E402
-from tpgrpo.errors import UserInputError  # noqa: E402
 from tpgrpo.training.module import TPGRPOModule  # noqa: E402
-from tpgrpo.settings import check_model_settings  # noqa: E402
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent  # the repository in a checkout; site-packages once installed

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from tpgrpo.training.evaluation import EvalResults, mean_and_stderr
 
-
 ALGORITHM_LABELS = {"tp-grpo": "TP-GRPO", "flow-grpo": "Flow-GRPO", "diffusion-nft": "DiffusionNFT"}
 
 

@@ -21,9 +21,9 @@ import torch
 
 from tpgrpo.cli import build_cli
 from tpgrpo.curves import ALGORITHM_LABELS, HeldOutCurve, plot_curves
-from tpgrpo.training.evaluation import EvalResults, mean_and_stderr
 from tpgrpo.errors import UserInputError
 from tpgrpo.images import captioned_grid
+from tpgrpo.training.evaluation import EvalResults, mean_and_stderr
 
 
 def _evaluate(cli, results: EvalResults) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:

@@ -14,10 +14,10 @@ from typing import Any, TypeVar, Union
 
 import torch
 
-from tpgrpo.maths.credit import CREDITS, POLICY_LOSSES
 from tpgrpo.errors import UserInputError
-from tpgrpo.rewards.base import RewardSpec, validate_reward_weights
+from tpgrpo.maths.credit import CREDITS, POLICY_LOSSES
 from tpgrpo.maths.sde import STEP_KINDS, StepKind, step_kind
+from tpgrpo.rewards.base import RewardSpec, validate_reward_weights
 
 
 def _check(condition: bool, message: str) -> None:

@@ -18,12 +18,12 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import Tensor, nn
 
-from tpgrpo.maths import credit as credit_rules
 from tpgrpo.distributed import Collectives
 from tpgrpo.errors import UserInputError
 from tpgrpo.families import FlowModel, PromptEmbeds
-from tpgrpo.prompt_length import PromptLengthCheck
+from tpgrpo.maths import credit as credit_rules
 from tpgrpo.maths.rollout import VelocityFn, sample_window_start
+from tpgrpo.prompt_length import PromptLengthCheck
 
 
 def seed_for(*parts: Any) -> int:

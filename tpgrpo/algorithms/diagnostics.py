@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tpgrpo.lora import lora_parameters
 from tpgrpo.algorithms import RolloutBatch
+from tpgrpo.lora import lora_parameters
 
 
 def policy_gradient(module: Any, batch: RolloutBatch, advantages: Tensor | None = None) -> list[Tensor]:

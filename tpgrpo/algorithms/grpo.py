@@ -14,10 +14,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from tpgrpo.maths import credit as credit_rules
 from tpgrpo.algorithms.base import FlowAlgorithm, PhaseTimer, register_algorithm
 from tpgrpo.families import PromptEmbeds
 from tpgrpo.lora import disabled_adapter
+from tpgrpo.maths import credit as credit_rules
 from tpgrpo.maths.rollout import Rollout, rollout
 from tpgrpo.maths.sde import kl_to_reference, sde_step
 from tpgrpo.settings import CreditConfig

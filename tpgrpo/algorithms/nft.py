@@ -30,11 +30,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from tpgrpo.maths import credit as credit_rules
 from tpgrpo.algorithms.base import FlowAlgorithm, PhaseTimer, register_algorithm, seed_for
 from tpgrpo.errors import UserInputError
 from tpgrpo.families import PromptEmbeds
 from tpgrpo.lora import disabled_adapter
+from tpgrpo.maths import credit as credit_rules
 from tpgrpo.maths.rollout import rollout
 from tpgrpo.settings import CreditConfig, NFTConfig
 

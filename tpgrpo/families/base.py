@@ -35,7 +35,6 @@ from transformers import ProcessorMixin
 
 from tpgrpo.errors import UserInputError
 
-
 Resolution = int | tuple[int, int]
 # The image and text attention projections of the joint blocks (Flow-GRPO's and TP-GRPO's
 # recipe). FLUX.1 and Qwen-Image use the same names: FLUX.1's double blocks and Qwen-Image's

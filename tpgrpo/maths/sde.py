@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+
 def _per_sample(value: float | Tensor, batch: int, ndim: int, device: torch.device) -> Tensor:
     """A float or (B,) tensor as float32 of shape (B, 1, ..., 1) for broadcasting over ``ndim`` dims."""
     value = torch.as_tensor(value, dtype=torch.float32, device=device)

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from tpgrpo.training.evaluation import mean_and_stderr
 from PIL import Image
 from tqdm import tqdm
 
 from tpgrpo.rewards.shapes import ShapesReward, check_record, detect
 from tpgrpo.tiny.components import DEFAULT_MODEL_DIR, MAX_SEQUENCE_LENGTH, load_pipeline
 from tpgrpo.tiny.scenes import make_prompt, read_jsonl
+from tpgrpo.training.evaluation import mean_and_stderr
 
 
 @torch.no_grad()

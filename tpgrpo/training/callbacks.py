@@ -38,9 +38,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, R
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.utilities import rank_zero_info
 
-from tpgrpo.training.ema import LoRAEMA
 from tpgrpo.images import image_grid, save_image
 from tpgrpo.lora import lora_state_dict, save_lora
+from tpgrpo.training.ema import LoRAEMA
 
 TMP_SUFFIX = ".tmp"
 

@@ -20,8 +20,8 @@ from torch import Tensor
 from tpgrpo.maths.rollout import ode_sample
 
 if TYPE_CHECKING:
-    from tpgrpo.distributed import Collectives
     from tpgrpo.algorithms import FlowAlgorithm
+    from tpgrpo.distributed import Collectives
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:

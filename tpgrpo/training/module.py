@@ -1,9 +1,9 @@
-"""The LightningModule: grouped rollouts, rewards, credit, advantages and the clipped GRPO step.
+"""The LightningModule: what a trainer does around an algorithm (`tpgrpo.algorithms`).
 
-It composes the pure pieces: `tpgrpo.maths.rollout` (trajectories and branches), `tpgrpo.rewards`
-(scores), `tpgrpo.maths.credit` (per-step rewards, advantages, loss) and `tpgrpo.maths.sde` (log-probs,
-KL). The model side (encode, velocity, decode) lives in `tpgrpo.families`, LoRA in
-`tpgrpo.lora`.
+It builds the policy (`tpgrpo.training.policy`), the reward and the algorithm from the settings,
+and runs each batch: the algorithm collects it (rollouts, rewards, advantages) and plans the update;
+the module takes the backward passes, clips gradients, steps the optimizer, skips non-finite steps
+and logs. Evaluation scores come from `tpgrpo.training.evaluation.Evaluator`.
 """
 from __future__ import annotations
 
@@ -16,29 +16,25 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from tpgrpo.training import evaluation
-from tpgrpo.training.evaluation import Evaluator
 from tpgrpo.acceleration import compile_blocks
+from tpgrpo.algorithms import ALGORITHMS, Batch, build_algorithm
 from tpgrpo.distributed import is_sharded, shard_transformer
 from tpgrpo.errors import UserInputError
-from tpgrpo.training.callbacks import PNGWriter
-from tpgrpo.training.embedding_cache import PromptCacheCallback
-from tpgrpo.lora import check_checkpoint_fits, full_tensor, lora_parameters, trainable_state
-from tpgrpo.training.policy import build_policy
 from tpgrpo.families import FlowModel
+from tpgrpo.lora import check_checkpoint_fits, full_tensor, lora_parameters, trainable_state
 from tpgrpo.settings import (
     ComputeConfig,
-    PromptCacheConfig,
     CreditConfig,
+    EvalRewardsSetting,
     EvaluationConfig,
     LoRAConfig,
     NFTConfig,
     OptimizerConfig,
+    PromptCacheConfig,
     RewardsSetting,
     SamplingConfig,
     UpdateConfig,
     as_group,
-    EvalRewardsSetting,
     build_eval_rewards,
     build_rewards,
     group_dicts,
@@ -46,9 +42,13 @@ from tpgrpo.settings import (
     parse_eval_rewards,
     parse_rewards,
 )
-from tpgrpo.algorithms import ALGORITHMS, Batch, build_algorithm
-from tpgrpo.training.metrics import training_metrics
 from tpgrpo.tiny.components import DEFAULT_MODEL_DIR
+from tpgrpo.training import evaluation
+from tpgrpo.training.callbacks import PNGWriter
+from tpgrpo.training.embedding_cache import PromptCacheCallback
+from tpgrpo.training.evaluation import Evaluator
+from tpgrpo.training.metrics import training_metrics
+from tpgrpo.training.policy import build_policy
 
 
 class TrainingDivergedError(RuntimeError):
