@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tpgrpo.distributed import Collectives
+from tpgrpo.errors import UserInputError
 from tpgrpo.families import FlowModel
 from tpgrpo.training.embedding_cache import EmbeddingCache, StaleCacheError, cache_key, distinct_prompts, model_fingerprint
 
@@ -83,7 +84,7 @@ def test_a_corrupt_cache_is_rebuilt_and_a_stale_one_refused(flow, tmp_path):
     EmbeddingCache(tmp_path, "k3", prompts).build(flow, Collectives())
     shard = next((tmp_path / "k3").glob("shard-*"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, e.g. a run killed while writing
-    with pytest.raises(Exception, match="incomplete"):
+    with pytest.raises(Exception, match="incomplete or corrupt .*wrong size"):
         EmbeddingCache(tmp_path, "k3", prompts).open()
     with pytest.warns(UserWarning, match="rebuilding"):
         EmbeddingCache(tmp_path, "k3", prompts).build(flow, Collectives())
@@ -109,3 +110,21 @@ def test_fit_with_the_cache_reads_embeddings_and_releases_the_text_encoders(tmp_
     (manifest,) = folder.glob("*/manifest.json")
     assert json.loads(manifest.read_text())["count"] == 5  # 4 prompts (train = val here) and the empty one
     assert cli.trainer.global_step == 2
+
+
+def test_bytes_changed_inside_a_shard_fail_its_checksum_and_the_shard_is_rebuilt(flow, tmp_path):
+    """Random bytes written into the middle of a shard keep its size; the checksum finds them."""
+    prompts = distinct_prompts([PROMPTS])
+    EmbeddingCache(tmp_path, "k4", prompts).build(flow, Collectives())
+    shard = next((tmp_path / "k4").glob("shard-*"))
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(255 - b for b in data[middle : middle + 16])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserInputError, match=r"incomplete or corrupt \(shard-\S+ fails its SHA-256 checksum\)") as caught:
+        EmbeddingCache(tmp_path, "k4", prompts).open()
+    assert "\n" not in str(caught.value)
+    with pytest.warns(UserWarning, match="rebuilding the embedding cache .*fails its SHA-256 checksum"):
+        EmbeddingCache(tmp_path, "k4", prompts).build(flow, Collectives())
+    cache = EmbeddingCache(tmp_path, "k4", prompts).open()
+    torch.testing.assert_close(cache.lookup(prompts[:2]).tensors()["prompt_embeds"], flow.encode_uncached(prompts[:2]).tensors()["prompt_embeds"])

@@ -9,8 +9,8 @@ accelerator for the rest of the run; `FlowModel.encode` then reads the rows it n
 ``key`` is a hash of the model (path, family, weights dtype, sequence length, the text encoders'
 and tokenizers' configs) and of the prompts, so another model or another prompt file gets
 another folder. A folder is used only when its manifest (written last, after every shard) lists
-the shards with the expected key, counts and shapes; a missing, partial or corrupt folder is
-rebuilt, and a cached prompt that no longer encodes to its cached embedding (the weights at the
+the shards with the expected key, counts, sizes and SHA-256 checksums; a missing, partial or
+corrupt folder is rebuilt (saying why), and a cached prompt that no longer encodes to its cached embedding (the weights at the
 same path changed) is refused with the folder to delete, so the cache is never silently wrong.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tpgrpo.errors import UserInputError
 from tpgrpo.families import FlowModel, PromptEmbeds, text_tokenizer
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: the manifest holds each shard's SHA-256
 CHECK_TOLERANCE = 1e-3  # relative: float noise of a re-encode, far below any change of weights
 
 
@@ -77,6 +77,14 @@ def distinct_prompts(prompt_lists: Sequence[Sequence[str]]) -> list[str]:
     return list(dict.fromkeys(["", *(p for prompts in prompt_lists for p in prompts)]))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.safetensors"
 
@@ -90,29 +98,38 @@ class EmbeddingCache:
         self.prompts = list(prompts)
         self._where: dict[str, tuple[int, int]] = {}  # prompt -> (shard, row)
         self._shards: list = []
+        self._checked: dict | None = None  # the manifest, once its shards passed their checksums
 
     # ------------------------------------------------------------------------------ building
-    def _valid_manifest(self) -> dict | None:
+    def _manifest(self) -> tuple[dict | None, str]:
+        """The folder's manifest if the folder is complete and intact, else None and why not. Each shard's
+        size and SHA-256 are checked against the manifest (once per cache object: hashing reads every byte)."""
+        if self._checked is not None:
+            return self._checked, ""
         path = self.root / MANIFEST
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError):
-            return None
+            return None, "no readable manifest"
         if manifest.get("key") != self.key or manifest.get("count") != len(self.prompts):
-            return None
+            return None, "the manifest describes other prompts or another model"
         for shard in manifest.get("shards", []):
             file = self.root / shard["file"]
             if not file.is_file() or file.stat().st_size != shard["bytes"]:
-                return None
-        return manifest
+                return None, f"{shard['file']} is missing or has the wrong size"
+            if _sha256(file) != shard.get("sha256"):
+                return None, f"{shard['file']} fails its SHA-256 checksum"
+        self._checked = manifest
+        return manifest, ""
 
     def build(self, flow: FlowModel, comm: Collectives, batch_size: int = 64, barrier: Callable[[], None] = lambda: None) -> None:
         """Encode and write this rank's share of the prompts unless a valid cache is there; every rank calls this."""
-        if self._valid_manifest() is not None:
+        manifest, problem = self._manifest()
+        if manifest is not None:
             rank_zero_info(f"text embeddings of {len(self.prompts)} prompts read from {self.root}")
             return
         if comm.rank == 0 and self.root.exists():
-            rank_zero_warn(f"rebuilding the incomplete or corrupt embedding cache {self.root}")
+            rank_zero_warn(f"rebuilding the embedding cache {self.root}: {problem}")
             shutil.rmtree(self.root)
         barrier()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -128,10 +145,8 @@ class EmbeddingCache:
         (self.root / (name + ".tmp")).replace(self.root / name)
         barrier()
         if comm.rank == 0:
-            shards = [
-                {"file": _shard_name(r, comm.world_size), "bytes": (self.root / _shard_name(r, comm.world_size)).stat().st_size}
-                for r in range(comm.world_size)
-            ]
+            files = [self.root / _shard_name(r, comm.world_size) for r in range(comm.world_size)]
+            shards = [{"file": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files]
             (self.root / "prompts.json").write_text(json.dumps(self.prompts))
             manifest = {"key": self.key, "count": len(self.prompts), "world_size": comm.world_size, "shards": shards}
             (self.root / (MANIFEST + ".tmp")).write_text(json.dumps(manifest))
@@ -142,9 +157,9 @@ class EmbeddingCache:
     # ------------------------------------------------------------------------------ reading
     def open(self) -> EmbeddingCache:
         """Map the shards (memory-mapped: rows are read when looked up)."""
-        manifest = self._valid_manifest()
+        manifest, problem = self._manifest()
         if manifest is None:
-            raise UserInputError(f"the embedding cache {self.root} is incomplete; delete it to rebuild it")
+            raise UserInputError(f"the embedding cache {self.root} is incomplete or corrupt ({problem}); delete it to rebuild it")
         world = manifest["world_size"]
         self._shards, self._where = [], {}
         for rank in range(world):
