@@ -186,6 +186,34 @@ def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny_model_dir, prompt
     assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(resumed.model.transformer))
 
 
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_run_told_to_stop_writes_its_last_checkpoint_and_resumes_exactly(reference, tmp_path, tiny_model_dir, prompts2, number):
+    """SIGTERM (or SLURM's SIGUSR1) after the first checkpoint: the run checkpoints at the next batch
+    boundary, after that batch's validation, exits 0; ``--ckpt_path last`` gives the uninterrupted run."""
+    full, full_root = reference
+    args = fit_args(tmp_path, tiny_model_dir, prompts2, "--trainer.max_steps=6")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    checkpoint = tmp_path / "logs" / "tpgrpo" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    process.send_signal(number)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    assert f"{signal.Signals(number).name} received: the last checkpoint is written at step" in stderr.decode()
+    saved_step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+    assert 2 <= saved_step < 6  # stopped mid-run
+    resumed = build_cli(fit_args(tmp_path, tiny_model_dir, prompts2, "--trainer.max_steps=6", "--ckpt_path=last"))
+    assert resumed.trainer.global_step == 6
+    assert_same_metrics(scalars(full_root / "logs"), scalars(tmp_path / "logs"))
+    assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(resumed.model.transformer))
+
+
 def test_ckpt_path_last_searches_every_logger_version(tmp_path, tiny_model_dir, prompts2):
     """Also with the stock ModelCheckpoint; with nothing to resume, a warning and a fresh start."""
     stock = (

@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -116,15 +118,54 @@ def crossed_multiple(before: int, after: int, every: int) -> bool:
     return every >= 1 and after // every > before // every
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
 class AtomicCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` with crash-safe writes and step counting that fits several optimizer steps per batch.
+    """`ModelCheckpoint` with crash-safe writes, step counting that fits several optimizer steps per
+    batch, and a clean stop when the run is told to stop.
 
     Takes the arguments of `lightning.pytorch.callbacks.ModelCheckpoint`. What a checkpoint holds
     is decided by the module (`TPGRPOModule.on_save_checkpoint`: the LoRA weights and training
-    state, never the frozen base model).
+    state, never the frozen base model). SIGTERM, or SIGUSR1 as SLURM sends it before a time limit
+    (``#SBATCH --signal=USR1@120``), makes the run write its last checkpoint at the next batch
+    boundary (after the validation that follows that batch, if any) and stop; ``fit --ckpt_path
+    last`` continues it exactly.
     """
 
     _step_before_batch: int = 0
+    _stop_signal: int | None = None
+    _stopping: bool = False
+
+    # ------------------------------------------------------------------------ stop signals
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._previous_handlers = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for number in STOP_SIGNALS:
+                self._previous_handlers[number] = signal.signal(number, self._request_stop)
+
+    def _request_stop(self, number: int, frame: Any) -> None:
+        self._stop_signal = number
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for number, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(number, handler)
+        self._previous_handlers = {}
+
+    def _stop_requested(self, trainer: Trainer) -> bool:
+        """Whether any rank was told to stop (every rank asks at every batch end, so all agree)."""
+        return bool(trainer.strategy.reduce_boolean_decision(self._stop_signal is not None, all=False))
+
+    def _stop(self, trainer: Trainer) -> None:
+        name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a stop signal"
+        rank_zero_info(f"{name} received: the last checkpoint is written at step {trainer.global_step}; "
+                       "continue with `fit --ckpt_path last`")
+        trainer.should_stop = True
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._stopping:
+            self._stop(trainer)
 
     # ------------------------------------------------------------------------ atomic writes
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
@@ -152,6 +193,15 @@ class AtomicCheckpoint(ModelCheckpoint):
     ) -> None:
         if pl_module.automatic_optimization:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._stop_requested(trainer):
+            self._stopping = True
+            candidates = self._monitor_candidates(trainer)
+            if self._validation_follows(trainer):
+                self._defer_save_until_validation = True  # saved, then stopped, in on_validation_end
+            else:
+                self._save_last_checkpoint(trainer, candidates)
+                self._stop(trainer)
+            return
         every = self._every_n_train_steps
         due = crossed_multiple(self._step_before_batch, trainer.global_step, every)
         interval = self._train_time_interval
