@@ -157,10 +157,9 @@ def test_same_seed_same_metrics(reference, tmp_path, tiny_model_dir, prompts2):
     assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(again.model.transformer))
 
 
-def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny_model_dir, prompts2):
-    """A real ``kill -9`` of ``train.py fit`` after its first checkpoint; ``--ckpt_path last`` finishes the run exactly."""
-    full, full_root = reference
-    args = fit_args(tmp_path, tiny_model_dir, prompts2, "--trainer.max_steps=6")
+def start_fit_until_first_checkpoint(tmp_path, model_dir, prompts) -> tuple[subprocess.Popen, Path]:
+    """``train.py fit`` of 6 optimizer steps in a subprocess, returned once its first last.ckpt exists."""
+    args = fit_args(tmp_path, model_dir, prompts, "--trainer.max_steps=6")
     # CPU sums split over threads: bit-identical numbers need the same thread count as this process
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen(
@@ -173,45 +172,43 @@ def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny_model_dir, prompt
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    return process, checkpoint
+
+
+def assert_resume_finishes_the_reference_run(reference, checkpoint, tmp_path, model_dir, prompts) -> None:
+    """The stopped run's checkpoint is mid-run, and ``--ckpt_path last`` ends where the uninterrupted run did."""
+    full, full_root = reference
     saved_step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
-    assert 2 <= saved_step < 6  # killed mid-run
-    resumed = build_cli(fit_args(tmp_path, tiny_model_dir, prompts2, "--trainer.max_steps=6", "--ckpt_path=last"))
+    assert 2 <= saved_step < 6  # stopped mid-run
+    resumed = build_cli(fit_args(tmp_path, model_dir, prompts, "--trainer.max_steps=6", "--ckpt_path=last"))
     assert resumed.trainer.global_step == 6
     assert_same_metrics(scalars(full_root / "logs"), scalars(tmp_path / "logs"))
     assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(resumed.model.transformer))
+
+
+def test_sigkill_mid_run_then_resume(reference, tmp_path, tiny_model_dir, prompts2):
+    """A real ``kill -9`` of ``train.py fit`` after its first checkpoint; ``--ckpt_path last`` finishes the run exactly."""
+    process, checkpoint = start_fit_until_first_checkpoint(tmp_path, tiny_model_dir, prompts2)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert_resume_finishes_the_reference_run(reference, checkpoint, tmp_path, tiny_model_dir, prompts2)
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_run_told_to_stop_writes_its_last_checkpoint_and_resumes_exactly(reference, tmp_path, tiny_model_dir, prompts2, number):
     """SIGTERM (or SLURM's SIGUSR1) after the first checkpoint: the run checkpoints at the next batch
     boundary, after that batch's validation, exits 0; ``--ckpt_path last`` gives the uninterrupted run."""
-    full, full_root = reference
-    args = fit_args(tmp_path, tiny_model_dir, prompts2, "--trainer.max_steps=6")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    checkpoint = tmp_path / "logs" / "tpgrpo" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.05)
+    process, checkpoint = start_fit_until_first_checkpoint(tmp_path, tiny_model_dir, prompts2)
     process.send_signal(number)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr.decode()[-3000:]
     assert f"{signal.Signals(number).name} received: the last checkpoint is written at step" in stderr.decode()
-    saved_step = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
-    assert 2 <= saved_step < 6  # stopped mid-run
-    resumed = build_cli(fit_args(tmp_path, tiny_model_dir, prompts2, "--trainer.max_steps=6", "--ckpt_path=last"))
-    assert resumed.trainer.global_step == 6
-    assert_same_metrics(scalars(full_root / "logs"), scalars(tmp_path / "logs"))
-    assert_same_tensors(lora_state_dict(full.model.transformer), lora_state_dict(resumed.model.transformer))
+    assert_resume_finishes_the_reference_run(reference, checkpoint, tmp_path, tiny_model_dir, prompts2)
 
 
 def test_ckpt_path_last_searches_every_logger_version(tmp_path, tiny_model_dir, prompts2):
